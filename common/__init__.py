@@ -1,0 +1,1 @@
+"""Shared toolkit for the recipes: plain functions, one concern a module."""

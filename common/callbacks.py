@@ -1,0 +1,89 @@
+"""Trainer callbacks: throughput and memory into metrics.jsonl, the moving average of eval loss, a clean early stop."""
+import json
+import statistics
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from common.hardware import peak_memory_gib
+
+
+class MovingAverageEvalLoss(TrainerCallback):
+    """Adds eval_loss_moving_avg (mean of the last `window` eval losses) to every evaluation's logs.
+
+    Register it before MetricsRecorder so the recorded evaluation carries the average.
+    """
+
+    def __init__(self, window: int, history: list[float] | None = None):
+        self.window = window
+        self.history = list(history or [])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "eval_loss" in logs:
+            self.history.append(logs["eval_loss"])
+            recent = self.history[-self.window:]
+            logs["eval_loss_moving_avg"] = sum(recent) / len(recent)
+
+
+class MetricsRecorder(TrainerCallback):
+    """Appends every log (loss, eval loss, learning rate) to metrics.jsonl with step time, tokens/s and peak memory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        # A resumed run continues the records kept from before its checkpoint.
+        self.records = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        self.step_times: list[float] = []
+        self._step_started = self._last_log_time = None
+        self._last_tokens = 0
+        self.tokens_per_s: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_log_time = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_times.append(time.perf_counter() - self._step_started)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        record = {"step": state.global_step, **(logs or {})}
+        now = time.perf_counter()
+        if "loss" in record:
+            tokens = record.get("num_tokens", 0)
+            if tokens and tokens > self._last_tokens and now > self._last_log_time:
+                record["tokens_per_s"] = (tokens - self._last_tokens) / (now - self._last_log_time)
+                self.tokens_per_s.append(record["tokens_per_s"])
+            self._last_tokens, self._last_log_time = tokens, now
+            if self.step_times:
+                record["step_time_s"] = self.step_times[-1]
+            record["peak_gpu_memory_gib"] = peak_memory_gib()
+        if "eval_loss" in record:
+            average = record.get("eval_loss_moving_avg")
+            note = f" (moving average {average:.4f})" if average is not None else ""
+            print(f"step {state.global_step}: eval_loss {record['eval_loss']:.4f}{note}")
+        self.records.append(record)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def summary(self) -> dict:
+        """Median step time after the first (warm-up) step, mean tokens/s and peak memory, for results and benchmarks."""
+        timed = self.step_times[1:] or self.step_times
+        return {
+            "median_step_time_s": statistics.median(timed) if timed else None,
+            "tokens_per_s": statistics.mean(self.tokens_per_s[1:] or self.tokens_per_s) if self.tokens_per_s else None,
+            "peak_gpu_memory_gib": peak_memory_gib(),
+        }
+
+
+class StopAfterStep(TrainerCallback):
+    """Ends the session after a step with a checkpoint saved, so --resume can continue it later."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.step and state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True

@@ -1,0 +1,31 @@
+"""One-line errors for mistakes a user can make, instead of a traceback from deep inside a library."""
+import sys
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message names the cause and the fix in one line."""
+
+
+OOM_HINT = ("CUDA out of memory: lower --per-device-train-batch-size (raising --gradient-accumulation-steps "
+            "keeps the effective batch), lower --max-seq-length, or keep --load-in-4bit on")
+
+
+def run_main(main):
+    """Run a recipe's main(); user errors and CUDA OOM exit with one line on stderr, no traceback."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; resume with --resume <run folder>", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:
+        if is_out_of_memory(error):
+            print(f"error: {OOM_HINT}", file=sys.stderr)
+            sys.exit(3)
+        raise
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error)

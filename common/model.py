@@ -1,0 +1,21 @@
+"""Loading a base model through Unsloth, with the errors a user can cause turned into one line."""
+from unsloth import FastLanguageModel
+
+from common.errors import UserError
+from common.hardware import torch_dtype
+
+
+def load_model(model_name: str, max_seq_length: int, precision: str, load_in_4bit: bool, **kwargs):
+    """FastLanguageModel.from_pretrained in the run's precision; fp32 (CPU) lets Unsloth's CPU backend choose."""
+    try:
+        return FastLanguageModel.from_pretrained(
+            model_name=model_name,
+            max_seq_length=max_seq_length,
+            dtype=None if precision == "fp32" else torch_dtype(precision),
+            load_in_4bit=load_in_4bit,
+            **kwargs,
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise UserError(f"could not load model {model_name!r} ({first_line}); check --model-name, "
+                        f"or use --smoke to run offline on a tiny model") from None

@@ -1,0 +1,149 @@
+"""The run folder: outputs/<recipe>/<UTC timestamp>/, never overwritten, marked FAILED when a run does not finish.
+
+config.json      resolved hyperparameters and run options
+manifest.json    versions, GPU, precision, seed, data source and SHA-256, git commit, optimiser that ran
+metrics.jsonl    one line per log: loss, eval loss, learning rate, step time, tokens/s, peak memory
+checkpoints/     trainer checkpoints, for --resume
+adapter/         the trained LoRA adapter and tokenizer (written last, atomically)
+results.md       the human summary; present only when the run completed
+"""
+import dataclasses
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from common.errors import UserError, is_out_of_memory, OOM_HINT
+
+from common.config import REPO_ROOT
+
+PACKAGES = ("unsloth", "unsloth_zoo", "torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate")
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = path
+        self.checkpoints = path / "checkpoints"
+        self.metrics = path / "metrics.jsonl"
+        self.adapter = path / "adapter"
+
+    @classmethod
+    def create(cls, recipe: str, root: str = "outputs") -> "RunFolder":
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        base = Path(root) / recipe
+        base.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 1000):
+            path = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+            try:
+                path.mkdir()
+                return cls(path)
+            except FileExistsError:
+                continue
+        raise UserError(f"{base}: could not find a free run folder name")
+
+    @classmethod
+    def reopen(cls, path: str) -> "RunFolder":
+        folder = cls(Path(path))
+        if (folder.path / "results.md").exists():
+            raise UserError(f"--resume {path}: that run already completed; start a new run instead")
+        if folder.last_checkpoint() is None:
+            raise UserError(f"--resume {path}: no checkpoint saved there yet; start a new run instead")
+        for marker in ("FAILED", "STOPPED"):
+            (folder.path / marker).unlink(missing_ok=True)
+        return folder
+
+    def last_checkpoint(self) -> str | None:
+        steps = sorted(self.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        return str(steps[-1]) if steps else None
+
+    def trim_metrics_after(self, step: int) -> list[dict]:
+        """Drop metrics logged after `step` (a resumed run logs them again); returns the lines kept."""
+        kept = [json.loads(line) for line in self.metrics.read_text().splitlines() if line] if self.metrics.exists() else []
+        kept = [record for record in kept if record["step"] <= step]
+        self.metrics.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        return kept
+
+    def write_json(self, name: str, payload: dict):
+        (self.path / name).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+    def write_config(self, cfg, run):
+        self.write_json("config.json", {"hyperparameters": dataclasses.asdict(cfg), "run": dataclasses.asdict(run)})
+
+    def save_adapter(self, model, tokenizer):
+        staging = self.path / "adapter.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(self.adapter)
+
+    def write_results(self, markdown: str):
+        """The last file a run writes: its presence means the run completed."""
+        (self.path / "results.md").write_text(markdown.rstrip() + "\n")
+
+    def mark_stopped(self, step: int, recipe: str):
+        (self.path / "STOPPED").write_text(
+            f"stopped after step {step} as asked; continue with: ./run.sh {recipe} --resume {self.path}\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None:
+            return False
+        if isinstance(error, KeyboardInterrupt):
+            reason = f"interrupted; continue with --resume {self.path}"
+        elif is_out_of_memory(error):
+            reason = OOM_HINT
+        else:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        (self.path / "FAILED").write_text(reason + "\n")
+        print(f"run folder marked FAILED: {self.path}", file=sys.stderr)
+        return False
+
+
+def git_commit() -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def optimizer_that_ran(trainer) -> str:
+    """The optimiser class behind the trainer (8-bit AdamW on GPU; Unsloth's CPU backend swaps in fused AdamW)."""
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    requested = getattr(trainer.args.optim, "value", trainer.args.optim)
+    return f"{type(optimizer).__module__}.{type(optimizer).__name__} (optim={requested})"
+
+
+def manifest(recipe: str, hardware, seed: int, data: dict, **extra) -> dict:
+    from common.data import file_sha256
+    return {
+        "recipe": recipe,
+        "command": " ".join(sys.argv),
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "gpu": hardware.gpu_name,
+        "compute_capability": hardware.capability,
+        "precision": hardware.precision,
+        "seed": seed,
+        "data": {**data, "sha256": file_sha256(data["source"])},
+        "packages": package_versions(),
+        **extra,
+    }

@@ -1,0 +1,180 @@
+"""Llama-3-8B-Instruct, LoRA on the attention projections, FineTome-100k in the Llama 3 chat template.
+
+Card: 4-bit Llama-3-8B-Instruct, LoRA r8/alpha16 on q,k,v,o; 50k FineTome conversations split 80/20; loss on
+assistant turns; eval every 100 steps, the best checkpoint by eval loss is kept.
+Launch: ./run.sh llama3_8b          offline check on CPU: ./run.sh llama3_8b --smoke
+"""
+import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+from unsloth import FastLanguageModel
+
+from common.callbacks import MetricsRecorder, MovingAverageEvalLoss, StopAfterStep
+from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
+from common.config import parse
+from common.data import prepare_chat_data, read_rows
+from common.errors import run_main
+from common.hardware import detect, reset_peak_memory, training_precision_flags
+from common.model import load_model
+from common.outputs import RunFolder, manifest, optimizer_that_ran
+from common.smoke import tiny_model
+
+RECIPE = "llama3_8b"
+SAMPLE_DATA = Path(__file__).parent / "data" / "finetome_sample.jsonl"
+
+
+@dataclass
+class Config:
+    """Llama-3-8B-Instruct LoRA on FineTome-100k."""
+    model_name: str = "unsloth/llama-3-8b-Instruct-bnb-4bit"  # the card's checkpoint, pre-quantized by Unsloth
+    load_in_4bit: bool = True  # 4-bit bitsandbytes base: the 8B model fits a 16 GB T4
+    max_seq_length: int = 1024  # card: longer FineTome conversations are dropped, not truncated
+    attn_implementation: str = "eager"  # card: eager for stability; Unsloth's GPU path ignores it (own fused attention)
+    lora_r: int = 8  # card: small rank, the attention projections need little capacity for chat style
+    lora_alpha: int = 16  # card: alpha = 2 x rank
+    lora_dropout: float = 0.0  # card: 0 (also lets Unsloth use its fused LoRA kernels)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # card: attention only
+    data: str = "mlabonne/FineTome-100k"  # card: ShareGPT-style conversations (human/gpt) with source and score
+    chat_template: str = "llama-3"  # card: the model's own Llama 3 template
+    max_samples: int = 50_000  # card: 50k of the 100k conversations
+    eval_fraction: float = 0.2  # card: 80% train / 20% eval, seeded
+    per_device_train_batch_size: int = 2  # card: 2 rows a step fit a T4 at 1024 tokens
+    gradient_accumulation_steps: int = 8  # card: effective batch 16
+    learning_rate: float = 1e-4  # card: half the usual 2e-4, for a long 700-step run
+    warmup_steps: int = 100  # card: 100 steps of linear warmup
+    lr_scheduler_type: str = "cosine"  # card: cosine decay after warmup
+    max_steps: int = 700  # card: 700 optimizer steps (11,200 conversations seen)
+    optim: str = "adamw_8bit"  # card: 8-bit AdamW states (bitsandbytes) save memory
+    weight_decay: float = 0.0  # card: none
+    eval_steps: int = 100  # card: evaluate (and checkpoint) every 100 steps
+    per_device_eval_batch_size: int = 2  # same rows per forward as training: eval needs no extra memory
+    max_eval_samples: int = 500  # eval loss on 500 held-out conversations: 10k would cost more time than training
+    moving_average_window: int = 3  # eval losses averaged to smooth a noisy curve
+    sample_prompts: int = 3  # held-out conversations answered after training, written to results.md
+    max_new_tokens: int = 128  # length cap for those answers
+    seed: int = 3407  # Unsloth's customary seed: data split, shuffling, LoRA init
+
+
+SMOKE = dict(data=str(SAMPLE_DATA), max_seq_length=512, max_samples=0, gradient_accumulation_steps=1, warmup_steps=2,
+             max_steps=12, learning_rate=2e-3, eval_steps=4, max_eval_samples=8, sample_prompts=2, max_new_tokens=16)
+
+
+def main(argv=None):
+    cfg, run = parse(Config, argv, smoke=SMOKE)
+    hardware = detect(run.precision)
+    set_seed(cfg.seed)
+    folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
+    with folder:
+        folder.write_config(cfg, run)
+        print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
+
+        # 1. Load the 4-bit base model and the Llama 3 chat template.
+        if run.smoke:
+            cfg.model_name = tiny_model("llama-3", read_rows(cfg.data))
+        model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit,
+                                      attn_implementation=cfg.attn_implementation)
+        tokenizer = set_chat_template(tokenizer, cfg.chat_template)
+
+        # 2. LoRA adapters on the attention projections; Unsloth's gradient checkpointing offloads activations.
+        model = FastLanguageModel.get_peft_model(
+            model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+            target_modules=list(cfg.target_modules), use_gradient_checkpointing="unsloth", random_state=cfg.seed)
+
+        # 3. Data: standardise to messages, drop what does not fit, split 80/20.
+        train_rows, eval_rows, data = prepare_chat_data(cfg.data, tokenizer, cfg.max_seq_length, cfg.max_samples,
+                                                        cfg.eval_fraction, cfg.seed)
+        print(f"data: {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
+        eval_for_loss = eval_rows[:cfg.max_eval_samples]
+
+        # 4. Train with loss on assistant turns only; checkpoint at every evaluation, keep the best by eval loss.
+        if run.resume:
+            folder.trim_metrics_after(int(Path(folder.last_checkpoint()).name.split("-")[1]))
+        recorder = MetricsRecorder(folder.metrics)
+        moving_average = MovingAverageEvalLoss(cfg.moving_average_window,
+                                               [r["eval_loss"] for r in recorder.records if "eval_loss" in r])
+        trainer = SFTTrainer(
+            model=model,
+            processing_class=tokenizer,
+            train_dataset=conversation_dataset(train_rows),
+            eval_dataset=conversation_dataset(eval_for_loss),
+            callbacks=[moving_average, recorder, StopAfterStep(run.stop_after_step)],
+            args=SFTConfig(
+                output_dir=str(folder.checkpoints),
+                max_length=cfg.max_seq_length,
+                per_device_train_batch_size=cfg.per_device_train_batch_size,
+                per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                learning_rate=cfg.learning_rate,
+                warmup_steps=cfg.warmup_steps,
+                lr_scheduler_type=cfg.lr_scheduler_type,
+                max_steps=cfg.max_steps,
+                optim=cfg.optim,
+                weight_decay=cfg.weight_decay,
+                eval_strategy="steps",
+                eval_steps=cfg.eval_steps,
+                save_strategy="steps",
+                save_steps=cfg.eval_steps,
+                save_total_limit=2,  # the best and the latest: enough to resume and to restore the best
+                load_best_model_at_end=True,
+                metric_for_best_model="eval_loss",
+                greater_is_better=False,
+                logging_steps=1,
+                seed=cfg.seed,
+                data_seed=cfg.seed,
+                report_to="none",
+                **training_precision_flags(hardware.precision),
+            ),
+        )
+        trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
+        reset_peak_memory()
+        trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
+        if trainer.state.global_step < cfg.max_steps:
+            folder.mark_stopped(trainer.state.global_step, RECIPE)
+            return
+
+        # 5. Evaluate the kept (best) checkpoint and answer a few held-out prompts.
+        final_eval = trainer.evaluate(metric_key_prefix="final")
+        best_step = int(Path(trainer.state.best_model_checkpoint).name.split("-")[1])
+        FastLanguageModel.for_inference(model)
+        samples = []
+        for messages in eval_rows[:cfg.sample_prompts]:
+            prompt = messages[:next(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+            samples.append((prompt[-1]["content"], generate_reply(model, tokenizer, prompt, cfg.max_new_tokens)))
+
+        # 6. Save the adapter, the manifest and the human summary (results.md last: it marks the run complete).
+        folder.save_adapter(model, tokenizer)
+        throughput = recorder.summary()
+        folder.write_json("manifest.json", manifest(
+            RECIPE, hardware, cfg.seed, data, optimizer=optimizer_that_ran(trainer), best_step=best_step,
+            best_eval_loss=trainer.state.best_metric, final_eval_loss=final_eval["final_loss"], **throughput))
+        folder.write_results(results_markdown(cfg, data, recorder.records, best_step, final_eval, throughput, samples))
+        print(f"done: best step {best_step} (eval loss {trainer.state.best_metric:.4f}); results in {folder.path}")
+
+
+def results_markdown(cfg, data, records, best_step, final_eval, throughput, samples) -> str:
+    evals = [r for r in records if "eval_loss" in r and "eval_loss_moving_avg" in r]
+    lines = [f"# {RECIPE}: Llama-3-8B-Instruct LoRA on FineTome", "",
+             f"- data: {data['source']} - {data['report']}; train {data['train']:,}, eval {data['eval']:,}",
+             f"- kept checkpoint: step {best_step} (lowest eval loss); its eval loss now: {final_eval['final_loss']:.4f}",
+             f"- median step time {fmt(throughput['median_step_time_s'], 's')}, {fmt(throughput['tokens_per_s'], ' tokens/s')}, "
+             f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], ' GiB')}", "",
+             f"| step | eval loss | moving average ({cfg.moving_average_window}) | kept |", "|---:|---:|---:|:---:|"]
+    for entry in evals:
+        kept = "yes" if entry["step"] == best_step else ""
+        lines.append(f"| {entry['step']} | {entry['eval_loss']:.4f} | {entry['eval_loss_moving_avg']:.4f} | {kept} |")
+    lines += ["", "## Held-out prompts, answered by the trained model", ""]
+    for question, answer in samples:
+        lines += [f"**Prompt:** {question}", "", f"**Answer:** {answer or '(empty)'}", ""]
+    return "\n".join(lines)
+
+
+def fmt(value, unit: str) -> str:
+    return "n/a" if value is None else f"{value:,.2f}{unit}"
+
+
+if __name__ == "__main__":
+    run_main(main)

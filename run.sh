@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# ./run.sh <recipe> [--field value ...]   train a recipe (./run.sh llama3_8b --smoke: offline check on CPU)
+# ./run.sh list                           the recipes, one line each
+# ./run.sh test [pytest args]             set up the CPU test environment and run the CPU test suite
+# ./run.sh --detect                       print the GPU and the precision a run would use
+#
+# The GPU decides the precision: compute capability >= 8.0 (A100, L4, H100) -> bf16, below (T4, V100) -> fp16,
+# no GPU -> fp32; --precision overrides. The first run installs what is missing: into the active environment
+# (Colab, conda, a venv you activated) or else into .venv here; later runs skip it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+die() { echo "error: $*" >&2; exit 2; }
+
+recipes() { for f in "$ROOT"/recipes/*.py; do n=$(basename "$f" .py); [ "$n" = "__init__" ] || echo "$n"; done; }
+
+detect() {
+  local line="" name cap major
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    line=$(nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null | head -n 1 || true)
+  fi
+  if [ -z "$line" ]; then
+    echo "gpu=none capability=- precision=fp32"
+    return
+  fi
+  name=$(echo "${line%,*}" | xargs | tr ' ' '-')
+  cap=$(echo "${line##*,}" | xargs)
+  major=${cap%%.*}
+  if [ "$major" -ge 8 ]; then echo "gpu=$name capability=$cap precision=bf16"
+  else echo "gpu=$name capability=$cap precision=fp16"; fi
+}
+
+# The python to use: the active environment's, or .venv here (created on first use).
+python_env() {
+  if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ] || [ -n "${COLAB_RELEASE_TAG:-}" ]; then
+    PY=$(command -v python3 || command -v python)
+    STAMP=""
+  else
+    [ -x "$ROOT/.venv/bin/python" ] || python3 -m venv "$ROOT/.venv"
+    PY="$ROOT/.venv/bin/python"
+    STAMP="$ROOT/.venv/.installed-$1-$(cat "$ROOT"/requirements*.txt | sha256sum | cut -c1-12)"
+  fi
+}
+
+# Install the GPU set (requirements.txt) or the CPU set (CPU torch, unsloth without xformers) once.
+ensure_installed() {
+  local kind=$1
+  python_env "$kind"
+  if [ -n "$STAMP" ]; then
+    [ -f "$STAMP" ] && return
+  elif "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
+      ('unsloth', 'trl', 'peft', 'datasets', 'rich', 'yaml', 'sklearn', 'matplotlib'$([ "$kind" = cpu ] && echo ", 'pytest'"))))"; then
+    return
+  fi
+  echo "setting up the $kind environment ($PY); this happens once" >&2
+  if [ "$kind" = gpu ]; then
+    "$PY" -m pip install -q -r "$ROOT/requirements.txt"
+  else
+    "$PY" -m pip install -q -r "$ROOT/requirements-cpu.txt"
+    "$PY" -m pip install -q --no-deps -r "$ROOT/requirements-cpu-nodeps.txt"
+  fi
+  [ -z "$STAMP" ] || touch "$STAMP"
+}
+
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # fewer fragmentation OOMs on long runs
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+case "${1:-}" in
+  ""|-h|--help)
+    sed -n '2,9s/^# \{0,1\}//p' "$0"; exit 0 ;;
+  --detect)
+    detect; exit 0 ;;
+  list)
+    for n in $(recipes); do printf '%-22s %s\n' "$n" "$(sed -n '1s/^"""//p' "$ROOT/recipes/$n.py")"; done; exit 0 ;;
+  test)
+    shift
+    ensure_installed cpu
+    cd "$ROOT"
+    exec "$PY" -m pytest -m "not gpu" tests "$@" ;;
+esac
+
+name=$1; shift
+[ -f "$ROOT/recipes/$name.py" ] && [ "$name" != "__init__" ] || die "unknown recipe '$name'; choose one of: $(recipes | paste -sd ' ')"
+
+hardware=$(detect)
+echo "$hardware" >&2
+precision=${hardware##*precision=}
+args=("$@")
+for i in "${!args[@]}"; do
+  case "${args[$i]}" in
+    --precision=*) precision=${args[$i]#--precision=} ;;
+    --precision) precision=${args[$((i + 1))]:-} ;;
+  esac
+done
+if [ "$precision" = bf16 ] && [[ "$hardware" != *precision=bf16 ]]; then
+  die "--precision bf16 needs a GPU of compute capability 8.0 or newer (${hardware%% precision=*}); use --precision fp16 on a GPU, fp32 without one"
+fi
+export FT_PRECISION=$precision
+
+if [[ "$hardware" == gpu=none* ]]; then ensure_installed cpu; else ensure_installed gpu; fi
+exec "$PY" -m "recipes.$name" "$@"
