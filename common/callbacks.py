@@ -35,8 +35,21 @@ class MetricsRecorder(TrainerCallback):
         self.records = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
         self.step_times: list[float] = []
         self._step_started = self._last_log_time = None
-        self._last_tokens = 0
+        self.tokens_seen = self._last_tokens = 0
         self.tokens_per_s: list[float] = []
+
+    def count_tokens_of(self, trainer):
+        """Count non-padding training tokens as the collator builds each batch. Call after the trainer's collator is
+        final; it works the same on Unsloth's GPU path (which may skip TRL's own token count) and on its CPU backend."""
+        collate = trainer.data_collator
+
+        def counting_collate(features):
+            batch = collate(features)
+            if trainer.model.training:
+                mask = batch.get("attention_mask")
+                self.tokens_seen += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            return batch
+        trainer.data_collator = counting_collate
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_log_time = time.perf_counter()
@@ -51,11 +64,10 @@ class MetricsRecorder(TrainerCallback):
         record = {"step": state.global_step, **(logs or {})}
         now = time.perf_counter()
         if "loss" in record:
-            tokens = record.get("num_tokens", 0)
-            if tokens and tokens > self._last_tokens and now > self._last_log_time:
-                record["tokens_per_s"] = (tokens - self._last_tokens) / (now - self._last_log_time)
+            if self.tokens_seen > self._last_tokens and now > self._last_log_time:
+                record["tokens_per_s"] = (self.tokens_seen - self._last_tokens) / (now - self._last_log_time)
                 self.tokens_per_s.append(record["tokens_per_s"])
-            self._last_tokens, self._last_log_time = tokens, now
+            self._last_tokens, self._last_log_time = self.tokens_seen, now
             if self.step_times:
                 record["step_time_s"] = self.step_times[-1]
             record["peak_gpu_memory_gib"] = peak_memory_gib()

@@ -130,6 +130,7 @@ def main(argv=None):
             ),
         )
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
+        recorder.count_tokens_of(trainer)
         reset_peak_memory()
         trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
         if trainer.state.global_step < cfg.max_steps:

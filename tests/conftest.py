@@ -1,0 +1,50 @@
+"""Shared test helpers: run a recipe as the user would (a subprocess), and find the run folder it wrote."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); run with -m gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_recipe_process(recipe: str, *args: str, output_dir: Path, timeout: int = 600, env: dict | None = None):
+    """Run `python -m recipes.<recipe> args --output-dir output_dir`; returns the CompletedProcess."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"recipes.{recipe}", *args, "--output-dir", str(output_dir)],
+                          cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def run_folders(output_dir: Path, recipe: str) -> list[Path]:
+    return sorted((output_dir / recipe).iterdir()) if (output_dir / recipe).exists() else []
+
+
+@pytest.fixture
+def run_recipe(tmp_path):
+    """Run a recipe to completion and return its run folder; fails the test with the recipe's stderr otherwise."""
+    def run(recipe: str, *args: str, output_dir: Path | None = None, env: dict | None = None) -> Path:
+        out = output_dir or tmp_path / "outputs"
+        before = set(run_folders(out, recipe))
+        result = run_recipe_process(recipe, *args, output_dir=out, env=env)
+        assert result.returncode == 0, f"{recipe} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        print("\n".join(line for line in result.stdout.splitlines()[-40:] if "it/s]" not in line))  # shown with -s
+        created = [p for p in run_folders(out, recipe) if p not in before]
+        assert len(created) == 1, f"expected one new run folder, found {created}"
+        return created[0]
+    return run

@@ -1,0 +1,108 @@
+"""llama3_8b end to end on CPU through Unsloth's CPU backend: smoke run, split, eval cadence, best checkpoint,
+moving average, reproducibility and resume."""
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import run_folders, run_recipe_process
+
+
+def read_metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def eval_records(folder):
+    return [r for r in read_metrics(folder) if "eval_loss" in r]
+
+
+def train_losses(folder):
+    return [(r["step"], r["loss"]) for r in read_metrics(folder) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    result = run_recipe_process("llama3_8b", "--smoke", output_dir=out)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (folder,) = run_folders(out, "llama3_8b")
+    return folder, result
+
+
+def test_smoke_run_writes_every_output(smoke_run):
+    folder, _ = smoke_run
+    for name in ("config.json", "manifest.json", "metrics.jsonl", "results.md", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "adapter/tokenizer_config.json"):
+        assert (folder / name).exists(), name
+    assert not (folder / "FAILED").exists()
+    adapter_config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (8, 16)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32" and manifest["seed"] == 3407
+    assert len(manifest["data"]["sha256"]) == 64
+    assert "AdamW" in manifest["optimizer"]  # on CPU Unsloth swaps 8-bit AdamW for fused AdamW, and we record that
+
+
+def test_split_is_80_20_of_what_was_kept(smoke_run):
+    folder, result = smoke_run
+    data = json.loads((folder / "manifest.json").read_text())["data"]
+    assert data["rows"] == 43 and data["kept"] == 38  # the sample's five unusable rows are dropped
+    assert data["dropped"] == {"empty": 2, "bad roles": 1, "no reply": 1, "malformed": 1, "too long": 0}
+    assert (data["train"], data["eval"]) == (30, 8)
+    assert "kept 38 / 43; dropped: empty 2, bad roles 1, no reply 1, malformed 1" in result.stdout
+
+
+def test_evaluates_every_eval_steps_with_moving_average(smoke_run):
+    folder, _ = smoke_run
+    evals = eval_records(folder)
+    assert [r["step"] for r in evals] == [4, 8, 12]  # smoke: eval_steps 4, max_steps 12
+    losses = [r["eval_loss"] for r in evals]
+    expected = [losses[0], sum(losses[:2]) / 2, sum(losses[:3]) / 3]  # window 3
+    assert [r["eval_loss_moving_avg"] for r in evals] == pytest.approx(expected)
+    results = (folder / "results.md").read_text()
+    assert f"| 12 | {losses[2]:.4f} | {expected[2]:.4f} |" in results
+    assert "## Held-out prompts" in results
+
+
+def test_same_seed_gives_identical_losses(smoke_run, tmp_path):
+    first, _ = smoke_run
+    result = run_recipe_process("llama3_8b", "--smoke", output_dir=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (second,) = run_folders(tmp_path, "llama3_8b")
+    assert train_losses(first) == train_losses(second)
+    assert len(train_losses(first)) == 12
+
+
+def test_best_checkpoint_is_kept_when_eval_loss_rises(run_recipe):
+    # A large constant learning rate makes the tiny model's eval loss rise after the first evaluation.
+    folder = run_recipe("llama3_8b", "--smoke", "--learning-rate", "0.3", "--lr-scheduler-type", "constant",
+                        "--warmup-steps", "0", "--eval-steps", "2", "--max-steps", "8")
+    evals = eval_records(folder)
+    losses = {r["step"]: r["eval_loss"] for r in evals}
+    best_step = min(losses, key=losses.get)
+    assert best_step < max(losses), f"eval loss never rose, the test proves nothing: {losses}"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["best_step"] == best_step
+    assert manifest["final_eval_loss"] == pytest.approx(losses[best_step], rel=1e-4)
+    saved = load_file(folder / "adapter" / "adapter_model.safetensors")
+    kept = load_file(folder / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    assert saved.keys() == kept.keys()
+    assert all((saved[k] == kept[k]).all() for k in saved)
+    assert f"| {best_step} |" in (folder / "results.md").read_text()
+
+
+def test_interrupted_run_resumes_to_the_same_losses(smoke_run, tmp_path):
+    uninterrupted, _ = smoke_run
+    stopped = run_recipe_process("llama3_8b", "--smoke", "--stop-after-step", "6", output_dir=tmp_path)
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    (folder,) = run_folders(tmp_path, "llama3_8b")
+    assert (folder / "STOPPED").exists() and not (folder / "results.md").exists()
+    assert not (folder / "adapter").exists()
+    resumed = run_recipe_process("llama3_8b", "--resume", str(folder), output_dir=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert run_folders(tmp_path, "llama3_8b") == [folder]  # continued in place, no new folder
+    assert (folder / "results.md").exists() and not (folder / "STOPPED").exists()
+    expected, got = train_losses(uninterrupted), train_losses(folder)
+    assert [step for step, _ in got] == [step for step, _ in expected]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-4)
