@@ -69,7 +69,8 @@ def _parse_json(text: str, path: Path, where: str | None):
     except json.JSONDecodeError as error:
         if where is None:
             where = f"line {error.lineno} column {error.colno} (byte {error.pos})"
-            hint = "the file looks truncated; re-export it" if error.pos >= len(text.rstrip()) else "fix the JSON there"
+            truncated = text.rstrip()[-1:] not in ("]", "}")
+            hint = "the file looks truncated (it does not end with ] or }); re-export it" if truncated else "fix the JSON there"
         else:
             hint = "fix or remove that line"
         raise UserError(f"{path}: {where}: invalid JSON ({error.msg}); {hint}") from None

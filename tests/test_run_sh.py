@@ -1,0 +1,67 @@
+"""run.sh: GPU detection from nvidia-smi (faked here), the precision rule, the recipe list and its refusals."""
+import os
+import subprocess
+
+import pytest
+import torch
+
+from common import hardware
+from common.errors import UserError
+from tests.conftest import REPO
+
+
+def run_sh(*args, gpu_line=None, tmp_path=None):
+    env = dict(os.environ)
+    env.pop("FT_PRECISION", None)
+    if gpu_line is not None:
+        fake = tmp_path / "bin"
+        fake.mkdir(exist_ok=True)
+        (fake / "nvidia-smi").write_text(f"#!/bin/sh\necho '{gpu_line}'\n")
+        (fake / "nvidia-smi").chmod(0o755)
+        env["PATH"] = f"{fake}:{env['PATH']}"
+    return subprocess.run([str(REPO / "run.sh"), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("gpu_line, expected", [
+    ("Tesla T4, 7.5", "gpu=Tesla-T4 capability=7.5 precision=fp16"),
+    ("NVIDIA A100-SXM4-40GB, 8.0", "gpu=NVIDIA-A100-SXM4-40GB capability=8.0 precision=bf16"),
+    ("NVIDIA H100 80GB HBM3, 9.0", "gpu=NVIDIA-H100-80GB-HBM3 capability=9.0 precision=bf16"),
+    ("", "gpu=none capability=- precision=fp32"),
+])
+def test_detect_prints_one_line(gpu_line, expected, tmp_path):
+    result = run_sh("--detect", gpu_line=gpu_line, tmp_path=tmp_path)
+    assert result.returncode == 0 and result.stdout == expected + "\n"
+
+
+def test_bf16_forced_on_a_t4_is_refused_before_anything_runs(tmp_path):
+    result = run_sh("llama3_8b", "--precision", "bf16", gpu_line="Tesla T4, 7.5", tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --precision bf16 needs a GPU of compute capability 8.0")
+
+
+def test_unknown_recipe_lists_the_valid_ones():
+    result = run_sh("llama3_8c")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown recipe 'llama3_8c'; choose one of:") and "llama3_8b" in result.stderr
+
+
+def test_list_shows_each_recipe_with_its_description():
+    lines = run_sh("list").stdout.splitlines()
+    recipes = sorted(p.stem for p in (REPO / "recipes").glob("*.py") if p.stem != "__init__")
+    assert [line.split()[0] for line in lines] == recipes
+    assert any(line.startswith("llama3_8b") and "FineTome" in line for line in lines)
+
+
+@pytest.mark.parametrize("capability, precision", [(None, "fp32"), ("7.5", "fp16"), ("7.0", "fp16"), ("8.0", "bf16"),
+                                                   ("8.9", "bf16"), ("9.0", "bf16")])
+def test_python_side_applies_the_same_rule(capability, precision):
+    assert hardware.precision_for(capability) == precision
+
+
+def test_python_side_refuses_bf16_on_a_t4(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Tesla T4")
+    assert hardware.detect().precision == "fp16"
+    with pytest.raises(UserError, match="Tesla T4 has 7.5: use --precision fp16"):
+        hardware.detect("bf16")
