@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from common.errors import UserError, is_out_of_memory, OOM_HINT
+from common.hardware import vram_gib
 
 from common.config import REPO_ROOT
 
@@ -141,6 +142,7 @@ def manifest(recipe: str, hardware, seed: int, data: dict, **extra) -> dict:
         "git_commit": git_commit(),
         "gpu": hardware.gpu_name,
         "compute_capability": hardware.capability,
+        "gpu_memory_total_gib": (vram_gib() or (None, None))[1],
         "precision": hardware.precision,
         "seed": seed,
         "data": {**data, "sha256": file_sha256(data["source"])},

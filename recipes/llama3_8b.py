@@ -139,7 +139,8 @@ def main(argv=None):
 
         # 5. Evaluate the kept (best) checkpoint and answer a few held-out prompts.
         final_eval = trainer.evaluate(metric_key_prefix="final")
-        best_step = int(Path(trainer.state.best_model_checkpoint).name.split("-")[1])
+        best = trainer.state.best_model_checkpoint  # None when no evaluation ran (eval_steps > max_steps)
+        best_step = int(Path(best).name.split("-")[1]) if best else trainer.state.global_step
         FastLanguageModel.for_inference(model)
         samples = []
         for messages in eval_rows[:cfg.sample_prompts]:
@@ -153,7 +154,7 @@ def main(argv=None):
             RECIPE, hardware, cfg.seed, data, optimizer=optimizer_that_ran(trainer), best_step=best_step,
             best_eval_loss=trainer.state.best_metric, final_eval_loss=final_eval["final_loss"], **throughput))
         folder.write_results(results_markdown(cfg, data, recorder.records, best_step, final_eval, throughput, samples))
-        print(f"done: best step {best_step} (eval loss {trainer.state.best_metric:.4f}); results in {folder.path}")
+        print(f"done: kept step {best_step} (eval loss {final_eval['final_loss']:.4f}); results in {folder.path}")
 
 
 def results_markdown(cfg, data, records, best_step, final_eval, throughput, samples) -> str:
