@@ -1,0 +1,1 @@
+"""One standalone script per model card: ./run.sh <name> (python -m recipes.<name> from the repository root)."""
