@@ -1,0 +1,400 @@
+"""GPT-2 Medium, QLoRA vs 16-bit LoRA at ranks 2-16 on Alpaca: when does 4-bit quantization preserve quality?
+
+Card: GPT-2 Medium (355M), LoRA on c_attn (alpha 16, dropout 0.05) at ranks 2, 4, 8, 16, each trained twice from one
+seed: on an NF4 base (QLoRA) and on a 16-bit base; 1,000 Stanford Alpaca rows, ### Instruction / Input / Response.
+Launch: ./run.sh gpt2_medium_qlora          offline check on CPU: ./run.sh gpt2_medium_qlora --smoke
+"""
+import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
+
+import gc
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+from unsloth import FastLanguageModel
+
+from common.callbacks import MetricsRecorder
+from common.config import parse
+from common.data import read_rows
+from common.errors import UserError, run_main
+from common.hardware import detect, peak_memory_gib, reset_peak_memory, training_precision_flags
+from common.model import load_model
+from common.outputs import RunFolder, manifest, optimizer_that_ran
+from common.smoke import tiny_model
+
+matplotlib.use("Agg")  # PNGs only: no display on a training box
+import matplotlib.pyplot as plt  # noqa: E402
+
+RECIPE = "gpt2_medium_qlora"
+SAMPLE_DATA = Path(__file__).parent / "data" / "alpaca_sample.jsonl"
+SIDES = {"qlora": "NF4 base (double quantization, block 64), LoRA via Unsloth's get_peft_model",
+         "lora": "unquantized base, LoRA via PEFT's get_peft_model"}
+
+
+@dataclass
+class Config:
+    """GPT-2 Medium: QLoRA vs 16-bit LoRA at ranks 2, 4, 8, 16 on Alpaca."""
+    model_name: str = "gpt2-medium"  # card: 355M parameters, 24 layers, hidden 1024, 16 heads, context 1024
+    max_seq_length: int = 512  # Alpaca rows are short: half the card's 1024 context truncates almost none
+    ranks: tuple[int, ...] = (2, 4, 8, 16)  # card: the ranks compared; --ranks 2,4 runs a subset
+    only: str = ""  # qlora|lora runs one side of each comparison; empty runs both
+    lora_alpha: int = 16  # card: fixed, so the update's scale alpha/r shrinks as the rank grows
+    lora_dropout: float = 0.05  # card: light regularisation for 1,000 rows
+    target_modules: tuple[str, ...] = ("c_attn",)  # card: GPT-2's fused Q/K/V projection (a Conv1D)
+    data: str = "tatsu-lab/alpaca"  # card: Stanford Alpaca, columns instruction, input, output
+    max_samples: int = 1000  # card: 1,000 training rows (0: all)
+    eval_prompts: int = 16  # held out from training: both models answer and embed these
+    per_device_train_batch_size: int = 4  # card: batch 4
+    gradient_accumulation_steps: int = 1  # card: no accumulation
+    learning_rate: float = 2e-4  # card: the usual LoRA learning rate
+    lr_scheduler_type: str = "linear"  # the card names none: the Trainer's default, decaying to 0 at max_steps
+    max_steps: int = 200  # card: 200 steps a run (800 rows seen)
+    optim: str = "adamw_torch"  # card: AdamW; 32-bit on both sides, so the optimiser is not a variable of the study
+    max_new_tokens: int = 32  # greedy continuation length compared token by token
+    timing_warmup_steps: int = 5  # the first steps carry Unsloth's compile and CUDA warm-up: left out of the median
+    final_loss_window: int = 10  # final train loss = mean of the last 10 steps (one batch of 4 is noisy)
+    cosine_threshold: float = 0.95  # card: QLoRA preserves quality if its cosine to 16-bit LoRA clears this
+    loss_tolerance: float = 0.05  # optimal rank: the smallest whose final loss is within this of the best rank's
+    seed: int = 3407  # one seed for every run: LoRA init, dropout and data order are the same on both sides
+
+
+SMOKE = dict(data=str(SAMPLE_DATA), ranks=(2, 4), max_steps=4, eval_prompts=4, max_new_tokens=8,
+             timing_warmup_steps=1, final_loss_window=3, learning_rate=2e-3)
+
+
+def main(argv=None):
+    cfg, run = parse(Config, argv, smoke=SMOKE)
+    check_options(cfg, run)
+    hardware = detect(run.precision)
+    set_seed(cfg.seed)
+    folder = RunFolder.create(RECIPE, run.output_dir)
+    with folder:
+        folder.write_config(cfg, run)
+        print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
+
+        # 1. Data: Alpaca rows in the card's prompt format as TRL prompt/completion pairs, so the loss (and every
+        #    comparison below) is about the response; the held-out prompts are never trained on.
+        train_rows, held_out, data = alpaca_rows(cfg.data, cfg.max_samples, cfg.eval_prompts, cfg.seed)
+        print(f"data: {data['report']}; train {data['train']:,}, held-out prompts {data['held_out']}")
+        if run.smoke:
+            cfg.model_name = tiny_model("gpt2", train_rows + held_out)
+        train_dataset = Dataset.from_list([{"prompt": alpaca_prompt(row), "completion": row["output"]}
+                                           for row in train_rows])
+        prompts = [alpaca_prompt(r) for r in held_out]
+
+        # 2. The study: every rank on both bases, one model in memory at a time, same seed, data order and steps.
+        runs, probes = [], {}
+        (folder.path / "metrics").mkdir()
+        sides = [cfg.only] if cfg.only else list(SIDES)
+        for rank in cfg.ranks:
+            for side in sides:
+                before = free_gpu_memory()
+                set_seed(cfg.seed)
+                # Load the base through Unsloth: NF4 for QLoRA, 16-bit for the baseline; then LoRA on c_attn.
+                model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision,
+                                              load_in_4bit=side == "qlora", use_gradient_checkpointing=False)
+                model = add_lora(model, side, rank, cfg)
+                # Train, reading the peak before generation can raise it.
+                recorder = MetricsRecorder(folder.path / "metrics" / f"{side}-r{rank}.jsonl")
+                trainer = make_trainer(model, tokenizer, train_dataset, cfg, hardware, folder, recorder)
+                reset_peak_memory()
+                trainer.train()
+                peak = peak_memory_gib()
+                # Probe the held-out prompts, keep the adapter, and let the model go before the next run.
+                probes[side, rank] = probe(model, tokenizer, prompts, cfg.max_new_tokens)
+                adapter = folder.path / "adapters" / f"{side}-r{rank}"
+                model.save_pretrained(adapter)
+                tokenizer.save_pretrained(adapter)
+                runs.append(summarize_run(side, rank, cfg, model, trainer, recorder, peak, before, adapter, folder))
+                del model, trainer, recorder
+
+        # 3. Compare the sides rank by rank, answer the card, plot, and write results.md last.
+        comparisons = [compare(rank, runs, probes, cfg) for rank in cfg.ranks] if len(sides) == 2 else []
+        card = card_answers(cfg, runs, comparisons)
+        plot_vs_rank(folder.path / "memory_vs_rank.png", cfg.ranks, "Peak GPU memory while training", "GiB",
+                     {side: [r["peak_gpu_memory_gib"] for r in runs if r["side"] == side] for side in sides},
+                     empty="no GPU: peak memory is only measured on CUDA")
+        plot_vs_rank(folder.path / "cosine_vs_rank.png", cfg.ranks, "QLoRA against 16-bit LoRA, held-out prompts",
+                     "similarity", {"mean-pooled cosine": [c["mean_pooled_cosine"] for c in comparisons],
+                                    "token match rate": [c["token_match_rate"] for c in comparisons]},
+                     empty="one side only (--only): nothing to compare", threshold=cfg.cosine_threshold)
+        folder.write_json("study.json", {"card": card, "ranks": comparisons, "runs": runs})
+        folder.write_json("manifest.json", manifest(RECIPE, hardware, cfg.seed, data, optimizer=runs[-1]["optimizer"],
+                                                    runs=runs, card=card))
+        folder.write_results(results_markdown(cfg, hardware, data, runs, comparisons, card))
+        print(results_table(cfg, runs, comparisons))
+        print(f"done: optimal rank {card['optimal_rank']}; results in {folder.path}")
+
+
+def check_options(cfg, run):
+    if cfg.only not in ("", *SIDES):
+        raise UserError(f"--only {cfg.only}: use qlora or lora, or leave it out to run both sides")
+    if not cfg.ranks or any(rank <= 0 for rank in cfg.ranks):
+        raise UserError(f"--ranks {','.join(map(str, cfg.ranks))}: give positive LoRA ranks, e.g. --ranks 2,4")
+    if run.resume or run.stop_after_step:
+        raise UserError("--resume and --stop-after-step are not supported by this study (short runs); start it again")
+
+
+def alpaca_prompt(row: dict) -> str:
+    """The card's prompt: ### Instruction, ### Input only when the row has one, then ### Response for the model."""
+    parts = [f"### Instruction:\n{row['instruction'].strip()}"]
+    if str(row.get("input") or "").strip():
+        parts.append(f"### Input:\n{row['input'].strip()}")
+    return "\n\n".join(parts + ["### Response:\n"])
+
+
+def alpaca_rows(source: str, max_samples: int, eval_prompts: int, seed: int):
+    """(train rows, held-out rows, summary): one seeded shuffle, held-out rows first, then up to max_samples."""
+    rows = read_rows(source)
+    columns = set().union(*(row.keys() for row in rows[:100])) if rows else set()
+    if not {"instruction", "output"} <= columns:
+        raise UserError(f"{source}: expected Alpaca columns instruction, input, output; found {sorted(columns)}")
+    usable = [row for row in rows if str(row.get("instruction") or "").strip()
+              and str(row.get("output") or "").strip()]
+    if len(usable) <= eval_prompts:
+        raise UserError(f"{source}: {len(usable)} usable rows; need more than --eval-prompts {eval_prompts}")
+    random.Random(seed).shuffle(usable)
+    held_out, train = usable[:eval_prompts], usable[eval_prompts:]
+    train = train[:max_samples] if max_samples else train
+    report = f"kept {len(usable):,} / {len(rows):,}; dropped: no instruction or output {len(rows) - len(usable):,}"
+    return train, held_out, {"source": source, "rows": len(rows), "kept": len(usable), "train": len(train),
+                             "held_out": len(held_out), "report": report}
+
+
+def add_lora(model, side: str, rank: int, cfg):
+    """The same adapter on both sides: c_attn(x) + (alpha / r) * B A dropout(x), A drawn from cfg.seed, B zero.
+
+    QLoRA goes through Unsloth: loading in 4-bit turned GPT-2's Conv1D c_attn into a bitsandbytes Linear4bit, which
+    Unsloth's get_peft_model accepts. The 16-bit baseline goes through PEFT directly: there c_attn stays a Conv1D, which
+    Unsloth 2026.10.9's get_peft_model rejects on GPU ("No layers to finetune?"); PEFT wraps it with fan_in_fan_out=True
+    (Conv1D stores its weight transposed), which changes how a merge reads the weight, not the adapter's math.
+    """
+    if side == "qlora":
+        return FastLanguageModel.get_peft_model(
+            model, r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+            target_modules=list(cfg.target_modules), use_gradient_checkpointing=False, random_state=cfg.seed)
+    set_seed(cfg.seed)  # what Unsloth's random_state does on the QLoRA side, so both draw the same A
+    return get_peft_model(model, LoraConfig(
+        r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+        target_modules=list(cfg.target_modules), fan_in_fan_out=True, task_type="CAUSAL_LM"))
+
+
+def make_trainer(model, tokenizer, dataset, cfg, hardware, folder, recorder) -> SFTTrainer:
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=dataset,
+        callbacks=[recorder],
+        args=SFTConfig(
+            output_dir=str(folder.checkpoints),
+            max_length=cfg.max_seq_length,
+            completion_only_loss=True,  # loss on the response, as the card's prompt format intends
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler_type,
+            max_steps=cfg.max_steps,
+            optim=cfg.optim,
+            gradient_checkpointing=False,  # TRL turns it on by default; off on both sides, so memory is comparable
+            padding_free=False,  # padded batches on both sides: Unsloth would otherwise choose per model
+            logging_steps=1,
+            save_strategy="no",  # the adapter is saved after training; no run here needs a checkpoint
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            report_to="none",
+            **training_precision_flags(hardware.precision),
+        ),
+    )
+    recorder.count_tokens_of(trainer)
+    return trainer
+
+
+@torch.no_grad()
+def probe(model, tokenizer, prompts: list[str], max_new_tokens: int):
+    """One trained model on the held-out prompts: greedy continuations (token ids up to and including the first
+    end-of-text) and each prompt's mean-pooled last hidden state (after GPT-2's final layer norm)."""
+    FastLanguageModel.for_inference(model)
+    eos = tokenizer.eos_token_id
+    tokenizer.padding_side = "left"  # generation continues from each prompt's own last token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos,
+                               eos_token_id=eos)[:, batch["input_ids"].shape[1]:].tolist()
+    continuations = [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in generated]
+    tokenizer.padding_side = "right"  # padding after a prompt leaves its positions, so its hidden states, unchanged
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    hidden = model.get_base_model().transformer(**batch).last_hidden_state  # the body, without the LM head
+    return continuations, mean_pool(hidden, batch["attention_mask"])
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, sequence, hidden) -> (batch, hidden): the mean over each row's real tokens, padding left out."""
+    mask = attention_mask.unsqueeze(-1).float()
+    return ((hidden.float() * mask).sum(1) / mask.sum(1)).cpu()
+
+
+def mean_pooled_cosine(first: torch.Tensor, second: torch.Tensor) -> float:
+    """Mean over prompts of the cosine similarity between two models' mean-pooled embeddings (batch, hidden)."""
+    return torch.nn.functional.cosine_similarity(first.float(), second.float(), dim=-1).mean().item()
+
+
+def token_match_rate(first: list[list[int]], second: list[list[int]]) -> float:
+    """Fraction of positions where two models' greedy tokens agree, pooled over prompts. Continuations are compared
+    up to the longer one: a position only one model produced (the other had stopped) counts as a mismatch."""
+    positions = matches = 0
+    for a, b in zip(first, second, strict=True):
+        positions += max(len(a), len(b))
+        matches += sum(x == y for x, y in zip(a, b))
+    return matches / positions if positions else 1.0
+
+
+def compare(rank: int, runs: list[dict], probes: dict, cfg) -> dict:
+    qlora, lora = (next(r for r in runs if r["side"] == side and r["rank"] == rank) for side in SIDES)
+    (q_tokens, q_pooled), (l_tokens, l_pooled) = probes["qlora", rank], probes["lora", rank]
+    cosine = mean_pooled_cosine(q_pooled, l_pooled)
+    memory = qlora["peak_gpu_memory_gib"], lora["peak_gpu_memory_gib"]
+    return {"rank": rank, "memory_reduction_pct": None if None in memory else 100 * (1 - memory[0] / memory[1]),
+            "token_match_rate": token_match_rate(q_tokens, l_tokens), "mean_pooled_cosine": cosine,
+            "clears_threshold": cosine >= cfg.cosine_threshold}
+
+
+def card_answers(cfg, runs: list[dict], comparisons: list[dict]) -> dict:
+    """The card's three answers; the optimal rank is the smallest whose final loss is within loss_tolerance of the
+    best rank's and (when both sides ran) whose cosine clears the threshold."""
+    side = "qlora" if any(r["side"] == "qlora" for r in runs) else "lora"
+    loss = {r["rank"]: r["final_loss"] for r in runs if r["side"] == side}
+    clears = {c["rank"]: c["clears_threshold"] for c in comparisons}
+    rule = (f"smallest rank whose {side} final loss is within {cfg.loss_tolerance} of the best rank's"
+            + (f" and whose cosine to 16-bit LoRA is >= {cfg.cosine_threshold}" if comparisons else ""))
+    fits = [rank for rank in cfg.ranks
+            if loss[rank] <= min(loss.values()) + cfg.loss_tolerance and clears.get(rank, True)]
+    reductions = [c["memory_reduction_pct"] for c in comparisons if c["memory_reduction_pct"] is not None]
+    return {"memory_reduction_pct": [min(reductions), max(reductions)] if reductions else None,
+            "cosine": [min(c["mean_pooled_cosine"] for c in comparisons),
+                       max(c["mean_pooled_cosine"] for c in comparisons)] if comparisons else None,
+            "ranks_clearing_threshold": [rank for rank, ok in clears.items() if ok],
+            "optimal_rank": min(fits) if fits else None, "rule": rule}
+
+
+def summarize_run(side, rank, cfg, model, trainer, recorder, peak, before, adapter, folder) -> dict:
+    losses = [record["loss"] for record in recorder.records if "loss" in record]
+    summary = {
+        "side": side, "rank": rank, "path": SIDES[side], "steps": trainer.state.global_step,
+        "trainable_parameters": model.get_nb_trainable_parameters()[0],
+        "final_loss": statistics.mean(losses[-cfg.final_loss_window:]),
+        "median_step_time_s": after_warmup(recorder.step_times, cfg.timing_warmup_steps),
+        "tokens_per_s": after_warmup(recorder.tokens_per_s, cfg.timing_warmup_steps),
+        # What earlier runs left allocated (Unsloth keeps a few caches) is subtracted: each run's peak is its own.
+        "peak_gpu_memory_gib": None if peak is None else peak - before, "gpu_memory_before_load_gib": before,
+        "optimizer": optimizer_that_ran(trainer), "adapter": str(adapter.relative_to(folder.path))}
+    print(f"{side} r{rank}: final loss {summary['final_loss']:.4f}, median step "
+          f"{fmt(summary['median_step_time_s'], ' s', 3)}, peak GPU memory {fmt(summary['peak_gpu_memory_gib'], ' GiB')}")
+    return summary
+
+
+def after_warmup(values: list[float], warmup: int) -> float | None:
+    kept = values[warmup:] or values
+    return statistics.median(kept) if kept else None
+
+
+def free_gpu_memory() -> float | None:
+    """Collect the previous run's model and optimiser; returns what is still allocated on the GPU (GiB), None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def plot_vs_rank(path: Path, ranks, title: str, ylabel: str, series: dict, empty: str, threshold=None):
+    figure, axes = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for label, values in series.items():
+        points = [(rank, value) for rank, value in zip(ranks, values) if value is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=label)
+            drawn = True
+    if drawn and threshold is not None:
+        axes.axhline(threshold, linestyle="--", color="gray", label=f"threshold {threshold}")
+    if not drawn:
+        axes.text(0.5, 0.5, empty, ha="center", va="center", transform=axes.transAxes)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(list(ranks), [str(rank) for rank in ranks])
+    axes.set(title=title, xlabel="LoRA rank", ylabel=ylabel)
+    axes.set_ylim(bottom=0 if threshold is None else None)
+    if drawn:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def results_table(cfg, runs: list[dict], comparisons: list[dict]) -> str:
+    by = {(r["side"], r["rank"]): r for r in runs}
+    compared = {c["rank"]: c for c in comparisons}
+    lines = ["| rank | peak GiB qlora / lora | memory reduction | median step s qlora / lora | final loss qlora / lora "
+             "| token match | cosine | cosine >= threshold |", "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for rank in cfg.ranks:
+        both = [by.get((side, rank), {}) for side in SIDES]
+        c = compared.get(rank, {})
+        pairs = [" / ".join(fmt(r.get(key), "", digits) for r in both)
+                 for key, digits in (("peak_gpu_memory_gib", 2), ("median_step_time_s", 3), ("final_loss", 4))]
+        clears = {True: "yes", False: "no"}.get(c.get("clears_threshold"), "n/a")
+        lines.append(f"| {rank} | {pairs[0]} | {fmt(c.get('memory_reduction_pct'), '%', 1)} | {pairs[1]} | {pairs[2]} "
+                     f"| {fmt(c.get('token_match_rate'), '', 3)} | {fmt(c.get('mean_pooled_cosine'), '', 4)} | {clears} |")
+    return "\n".join(lines)
+
+
+def results_markdown(cfg, hardware, data, runs: list[dict], comparisons: list[dict], card: dict) -> str:
+    memory, cosine, ranks = card["memory_reduction_pct"], card["cosine"], ", ".join(map(str, cfg.ranks))
+    if memory:
+        memory_answer = f"{memory[0]:.1f}% to {memory[1]:.1f}% less peak GPU memory over ranks {ranks}"
+    else:
+        memory_answer = "n/a: " + ("no GPU, and peak GPU memory is only measured on CUDA" if hardware.gpu_name is None
+                                   else "needs both sides (--only ran one)")
+    if cosine:
+        cleared = card["ranks_clearing_threshold"]
+        verdict = ("clears it at every rank" if len(cleared) == len(comparisons) else
+                   f"clears it at ranks {', '.join(map(str, cleared))} only" if cleared else "clears it at no rank")
+        cosine_answer = f"{cosine[0]:.4f} to {cosine[1]:.4f}: {verdict}"
+    else:
+        cosine_answer = "n/a: needs both sides (--only ran one)"
+    optimal = card["optimal_rank"] if card["optimal_rank"] is not None else "none"
+    return "\n".join([
+        f"# {RECIPE}: when does 4-bit quantization preserve quality?", "",
+        f"- model: {cfg.model_name}; {hardware.gpu_name or 'CPU'}, {hardware.precision}; LoRA on "
+        f"{', '.join(cfg.target_modules)}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout}",
+        f"- data: {data['source']} - {data['report']}; train {data['train']:,}, held-out prompts {data['held_out']}",
+        f"- every run: seed {cfg.seed}, {cfg.max_steps} steps at batch {cfg.per_device_train_batch_size}, {cfg.optim}, "
+        f"learning rate {cfg.learning_rate}, loss on the response only",
+        f"- qlora: {SIDES['qlora']}; lora: {SIDES['lora']}; both compute in {hardware.precision}", "",
+        "## The card's table", "", "| the card asks | measured |", "|:---|:---|",
+        f"| memory reduction, QLoRA vs 16-bit LoRA | {memory_answer} |",
+        f"| cosine similarity vs 16-bit LoRA (threshold {cfg.cosine_threshold}) | {cosine_answer} |",
+        f"| optimal rank | {optimal} ({card['rule']}) |", "",
+        "## Per rank", "", results_table(cfg, runs, comparisons), "",
+        f"- peak GPU memory: torch.cuda.max_memory_allocated during training, less what was allocated before the run "
+        f"loaded its model; memory reduction = 1 - QLoRA peak / 16-bit LoRA peak",
+        f"- median step: training steps after the first {cfg.timing_warmup_steps}; final loss: mean of the last "
+        f"{cfg.final_loss_window} steps' training loss",
+        f"- token match: greedy continuations ({cfg.max_new_tokens} new tokens at most, up to end-of-text) of the "
+        f"{data['held_out']} held-out prompts compared position by position up to the longer one; a position only one "
+        "model reached counts as a mismatch",
+        "- cosine: each held-out prompt's last hidden states, mean-pooled over its tokens, QLoRA against 16-bit LoRA, "
+        "averaged over prompts", "",
+        "![peak GPU memory vs rank](memory_vs_rank.png)", "", "![cosine and token match vs rank](cosine_vs_rank.png)",
+    ])
+
+
+def fmt(value, unit: str = "", digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+if __name__ == "__main__":
+    run_main(main)
