@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of each recipe against a plain transformers + PEFT + bitsandbytes script."""

@@ -1,0 +1,655 @@
+"""Each recipe against a plain transformers + PEFT + bitsandbytes script on one GPU: tokens/s, step time, memory, MFU.
+
+For each recipe in RECIPES and each data regime (fixed: every row just under max_seq_length tokens; chat: the bundled
+bench/data/chat_lengths.jsonl, a realistic spread of lengths), separate processes train on the same GPU one after the
+other: the recipe itself (`python -m recipes.<name>` on a random-init model of its card's shape, built by
+tests/gpu/conftest.py) and bench/plain_sft.py with the same shape, LoRA, batch, accumulation, sequence length, precision
+and optimiser, read from the recipe's own Config. Both sides are timed by common.callbacks.MetricsRecorder and
+summarised by the same arithmetic from its per-step records, warm-up steps left out. Results merge into
+bench/out/results.json; the table is printed and BENCHMARKS.md is regenerated from every result there.
+
+  python -m bench.benchmark                                        # every recipe, both regimes
+  python -m bench.benchmark --recipes llama3_8b,llama31_8b_qlora   # a subset; merges with the results already there
+  python -m bench.benchmark --report-only                          # regenerate BENCHMARKS.md from results.json
+  python -m bench.benchmark --smoke                                # the whole harness on CPU, tiny models, temp dir
+  python -m bench.benchmark --rebuild-chat-sample                  # rewrite bench/data/chat_lengths.jsonl
+"""
+import argparse
+import functools
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT_SAMPLE = REPO / "bench" / "data" / "chat_lengths.jsonl"
+NOTES = REPO / "bench" / "notes.md"  # hand-written analysis, copied into BENCHMARKS.md under the generated tables
+REGIMES = ("fixed", "chat")
+MARGIN = 8  # a row stays this many tokens under max_seq_length: no recipe drops or truncates it
+NO_EVAL = 1_000_000  # an evaluation / checkpoint cadence past the last step: none during the timed run
+AT_LAST_STEP = "at last step"  # replaced by the step count: for a recipe that needs one evaluation to keep a checkpoint
+
+
+@dataclass(frozen=True)
+class Bench:
+    shape: str  # tests/gpu/conftest.py's name for the card's architecture (random-init weights)
+    data_format: str  # what the recipe's --data reads: messages, text_label or alpaca
+    steps: int  # optimizer steps a side: a few timed after warm-up, inside the time budget
+    flags: dict = field(default_factory=dict)  # recipe fields set here: evaluation and generation cut to a minimum
+    metrics: str = "metrics.jsonl"  # the recipe's MetricsRecorder file (a glob) inside its run folder
+    gradient_checkpointing: bool = True  # as the recipe's get_peft_model sets it; the plain side does the same
+
+
+# One row a recipe. Sequence length, batch, accumulation, LoRA and optimiser are read from the recipe's Config.
+RECIPES = {
+    "llama3_8b": Bench("llama-3-8b", "messages", 6,
+                       dict(eval_steps=NO_EVAL, max_eval_samples=2, sample_prompts=0)),
+    "llama32_1b_mlp": Bench("llama-3.2-1b", "messages", 8,
+                            dict(save_steps=NO_EVAL, held_out_questions=1, max_new_tokens=1)),
+    "tinyllama_sentiment": Bench("tinyllama-1.1b", "text_label", 8, dict(eval_steps=NO_EVAL, max_eval_samples=2,
+                                                                        max_test_samples=0, generation_samples=0)),
+    "gpt2_medium_qlora": Bench("gpt2-medium", "alpaca", 15,
+                               dict(ranks=8, only="qlora", eval_prompts=2, max_new_tokens=1, max_samples=0),
+                               metrics="metrics/qlora-r8.jsonl", gradient_checkpointing=False),
+    "llama31_8b_qlora": Bench("llama-3.1-8b", "messages", 6,
+                              dict(eval_steps=AT_LAST_STEP, max_eval_samples=2, sample_prompts=0, max_new_tokens=1)),
+}
+# Llama-3.1-8B has Llama-3-8B's shape and special tokens in tests/gpu/conftest.py: one 16 GB build serves both.
+BUILD_AS = {"llama-3.1-8b": "llama-3-8b"}
+# The Llama cards load Unsloth's pre-quantized bnb-4bit checkpoints: these builds are saved so once, and both sides then
+# load the same NF4 weights, quicker than quantizing 16 GB at every load. TinyLlama and GPT-2 cards quantize at load.
+PREQUANTIZED = {"llama-3-8b", "llama-3.2-1b"}
+# The issue's targets: raw Unsloth over the plain script on an H100, fixed-length rows: (tokens/s ratio, memory ratio).
+TARGETS = {"llama-3-8b": (1.59, 0.65), "llama-3.1-8b": (1.59, 0.65), "tinyllama-1.1b": (1.41, 0.53),
+           "llama-3.2-1b": (1.07, 0.51), "gpt2-medium": (1.66, 0.47)}
+CHAT_SPEEDUP = 2.0  # the issue: on variable-length chat rows, at least 2x the padded plain script's tokens/s
+SMOKE_FLAGS = dict(max_seq_length=256, per_device_train_batch_size=2, gradient_accumulation_steps=1)  # CPU-sized
+
+# The chat sample: log-normal lengths around a few hundred tokens with a long tail, as in real chat exports.
+CHAT_ROWS, CHAT_MEDIAN_WORDS, CHAT_SIGMA, CHAT_MIN_WORDS, CHAT_MAX_WORDS = 400, 220, 0.85, 16, 1900
+EXCHANGES = (1, 1, 1, 2, 2, 3)  # most conversations are one question and answer; some run on
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+@functools.cache
+def gpu_conftest():
+    """tests/gpu/conftest.py, loaded by path: the card shapes, their model builder and the tokenizer's word list."""
+    spec = importlib.util.spec_from_file_location("gpu_conftest", REPO / "tests" / "gpu" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def conversation(rng: random.Random, words: int, exchanges: int = 1) -> list[dict]:
+    """`exchanges` question/answer pairs of `words` words in all, a fifth of each pair asking. The words are those the
+    GPU tests' tokenizer is trained on, about one token each."""
+    vocabulary = gpu_conftest().WORDS
+    messages = []
+    for i in range(exchanges):
+        share = words // exchanges + (i < words % exchanges)
+        asked = max(1, share // 5)
+        messages += [{"role": "user", "content": " ".join(rng.choices(vocabulary, k=asked))},
+                     {"role": "assistant", "content": " ".join(rng.choices(vocabulary, k=max(1, share - asked)))}]
+    return messages
+
+
+def chat_sample(rows: int = CHAT_ROWS, seed: int = 0) -> list[dict]:
+    """The chat regime's conversations (bench/data/chat_lengths.jsonl is exactly this): word counts log-normal, median
+    220, clipped to 16-1,900, so the longest still fit a 2048-token recipe."""
+    rng = random.Random(seed)
+    sample = []
+    for _ in range(rows):
+        words = round(rng.lognormvariate(math.log(CHAT_MEDIAN_WORDS), CHAT_SIGMA))
+        words = min(CHAT_MAX_WORDS, max(CHAT_MIN_WORDS, words))
+        sample.append({"messages": conversation(rng, words, rng.choice(EXCHANGES))})
+    return sample
+
+
+def fixed_conversation(seed: int, limit: int, length) -> list[dict]:
+    """One question and answer whose training text is `limit` tokens or a few under."""
+    words = limit
+    while True:
+        messages = conversation(random.Random(seed), words)
+        over = length(messages) - limit
+        if over <= 0:
+            return messages
+        words -= over
+        if words < 2:
+            raise SystemExit(f"the template alone is over {limit} tokens: no fixed-length row fits")
+
+
+def recipe_row(data_format: str, messages: list[dict], index: int) -> dict:
+    """A conversation in the shape the recipe's --data reads."""
+    asked = " ".join(m["content"] for m in messages if m["role"] == "user")
+    answered = " ".join(m["content"] for m in messages if m["role"] == "assistant")
+    if data_format == "messages":
+        return {"messages": messages}
+    if data_format == "alpaca":
+        return {"instruction": asked, "input": "", "output": answered}
+    return {"text": f"{asked} {answered}", "label": index % 3, "split": "train"}  # text_label
+
+
+def training_text(data_format: str, row: dict, tokenizer, module, cfg) -> str:
+    """The text the recipe trains on for that row, as the plain script is given it."""
+    if data_format == "messages":  # standardised as the recipe's prepare_chat_data does (system prompt and all)
+        from common.data import to_conversations
+        (messages,), _ = to_conversations([row], "bench", getattr(cfg, "system_prompt", None) or None)
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    if data_format == "alpaca":  # TRL ends a completion with the end-of-text token
+        return module.alpaca_prompt(row) + row["output"] + tokenizer.eos_token
+    messages = module.prompt_messages(row["text"]) + [{"role": "assistant", "content": module.LABELS[row["label"]]}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def write_data(name: str, bench: Bench, module, cfg, tokenizer, regimes, steps: int, folder: Path) -> dict:
+    """Per regime: the recipe's --data file, the plain script's file of the same rows' texts, and their lengths."""
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def text_of(row: dict) -> str:
+        return training_text(bench.data_format, row, tokenizer, module, cfg)
+
+    limit = cfg.max_seq_length - MARGIN
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for regime in regimes:
+        if regime == "fixed":
+            rows_needed = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * (steps + 2)
+            count = math.ceil(rows_needed * 1.25)  # recipes hold some rows out for evaluation
+            conversations = [fixed_conversation(i, limit, lambda m, i=i: length(text_of(recipe_row(bench.data_format,
+                                                                                                   m, i))))
+                             for i in range(count)]
+        else:
+            conversations = [row["messages"] for row in read_jsonl(CHAT_SAMPLE)
+                             if length(text_of(recipe_row(bench.data_format, row["messages"], 0))) <= limit]
+        rows = [recipe_row(bench.data_format, messages, i) for i, messages in enumerate(conversations)]
+        lengths = [length(text_of(row)) for row in rows]
+        plain_file = folder / f"{name}-{regime}-plain.jsonl"
+        write_jsonl(plain_file, [{"text": text_of(row)} for row in rows])
+        if bench.data_format == "text_label":  # the recipe also scores validation and test rows: one of each suffices
+            rows += [{**rows[0], "split": "validation"}, {**rows[1], "split": "test"}]
+        recipe_file = folder / f"{name}-{regime}.jsonl"
+        write_jsonl(recipe_file, rows)
+        written[regime] = {"recipe_file": str(recipe_file), "plain_file": str(plain_file), "rows": len(lengths),
+                           "tokens_min": min(lengths), "tokens_mean": statistics.mean(lengths),
+                           "tokens_max": max(lengths)}
+    return written
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+# ---- models, settings and the two sides ---------------------------------------------------------------------------
+
+def model_folder(shape: str, smoke: bool, work: Path, precision: str) -> str:
+    """A random-init model of the shape, built once and reused by every recipe of that shape (tiny in --smoke), and
+    for PREQUANTIZED shapes saved in NF4."""
+    import torch
+    shape = BUILD_AS.get(shape, shape)
+    folder, quantized = work / "models" / shape, work / "models" / f"{shape}-bnb-4bit"
+    if (quantized / "BUILT").exists():
+        return str(quantized)
+    if not (folder / "BUILT").exists():
+        started = time.perf_counter()
+        conftest = gpu_conftest()
+        if smoke:
+            from common.smoke import tiny_model
+            shutil.copytree(tiny_model(conftest.FAMILY[shape], [{"text": " ".join(conftest.WORDS)}]), folder)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            conftest.build_model(shape, folder)
+        (folder / "BUILT").write_text(f"{shape}\n")
+        print(f"built {shape} in {time.perf_counter() - started:.0f} s: {folder}", flush=True)
+    if shape in PREQUANTIZED:
+        started = time.perf_counter()
+        try:
+            save_quantized(folder, quantized, precision)
+        except Exception as error:  # the 16-bit build still serves: both sides then quantize it at load
+            print(f"{shape}: no pre-quantized copy ({type(error).__name__}: {error}); using the 16-bit build")
+        else:
+            shutil.rmtree(folder)
+            print(f"saved {shape} in NF4 in {time.perf_counter() - started:.0f} s: {quantized}", flush=True)
+            folder = quantized
+    gc.collect()  # nothing of a built model may stay on the GPU while the sides run
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return str(folder)
+
+
+def save_quantized(source: Path, target: Path, precision: str):
+    """The build in NF4 with double quantization, computing in the run's precision (bf16 on an H100), as Unsloth's
+    bnb-4bit checkpoints are saved."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from common.hardware import torch_dtype
+    dtype = torch_dtype(precision)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization, dtype=dtype,
+                                                 device_map={"": 0} if torch.cuda.is_available() else None)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    (target / "BUILT").write_text(f"{source.name} in NF4\n")
+
+
+def parameter_count(folder: str) -> int:
+    """N for MFU: every parameter of the base model (tied embeddings once), counted on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return sum(p.numel() for p in model.parameters())
+
+
+def measured_peak_flops(precision: str) -> float:
+    """FLOP/s of a large square matmul in the training precision: MFU's denominator, measured rather than the
+    datasheet's."""
+    import torch
+    from common.hardware import torch_dtype
+    on_gpu = torch.cuda.is_available()
+    size, repeats = (8192, 100) if on_gpu else (512, 10)
+    a, b = (torch.randn(size, size, dtype=torch_dtype(precision), device="cuda" if on_gpu else "cpu") for _ in "ab")
+
+    def multiply(times: int):
+        for _ in range(times):
+            a @ b
+        if on_gpu:
+            torch.cuda.synchronize()
+    multiply(3)
+    started = time.perf_counter()
+    multiply(repeats)
+    elapsed = time.perf_counter() - started
+    del a, b
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return 2 * size**3 * repeats / elapsed
+
+
+def recipe_flags(bench: Bench, steps: int, smoke: bool) -> list[str]:
+    values = {**bench.flags, **(SMOKE_FLAGS if smoke else {})}
+    flags = []
+    for name, value in values.items():
+        value = steps if value == AT_LAST_STEP else value
+        text = (",".join(map(str, value)) if isinstance(value, (list, tuple)) else
+                str(value).lower() if isinstance(value, bool) else str(value))
+        flags += ["--" + name.replace("_", "-"), text]
+    return flags
+
+
+def recipe_settings(module, cfg, bench: Bench) -> dict:
+    """What the plain side must match, as the recipe resolves it from its Config; where a recipe derives a value, its
+    own helper derives it here too, so the card's numbers live in the recipe alone."""
+    rank = cfg.ranks[0] if hasattr(cfg, "ranks") else cfg.lora_r  # gpt2_medium_qlora studies a list of ranks
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else module.lora_alpha_for(rank, None)  # llama31: 2 x rank
+    targets = cfg.target_modules if hasattr(cfg, "target_modules") else module.TARGETS[cfg.targets]  # llama31: a name
+    template = getattr(cfg, "chat_template", None) or (
+        module.VARIANTS[cfg.variant][1] if hasattr(cfg, "variant") else None)  # llama31: the variant's template
+    return dict(max_seq_length=cfg.max_seq_length, per_device_train_batch_size=cfg.per_device_train_batch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, lora_r=rank, lora_alpha=alpha,
+                lora_dropout=cfg.lora_dropout, target_modules=list(targets), optim=cfg.optim,
+                learning_rate=cfg.learning_rate, load_in_4bit=getattr(cfg, "load_in_4bit", True),
+                gradient_checkpointing=bench.gradient_checkpointing, chat_template=template)
+
+
+def run_logged(command: list[str], log: Path, timeout: int) -> tuple[int | None, float]:
+    """Run a side as its own process (output to `log`); returns (exit code or None on timeout, wall seconds)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    started = time.perf_counter()
+    with log.open("w") as output:
+        try:
+            code = subprocess.run(command, cwd=REPO, env=environment, stdout=output, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    return code, time.perf_counter() - started
+
+
+def failure(log: Path, code: int | None) -> str:
+    if code is None:
+        return f"timed out (log: {log})"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "no output")
+    return f"exit {code}: {reason.strip()[:240]} (log: {log})"
+
+
+def timed_metrics(records: list[dict], warmup: int) -> dict:
+    """Median step time, tokens/s and peak memory from MetricsRecorder's per-step records, steps up to `warmup` left
+    out; tokens/s is the per-step rates' mean weighted by step time (all tokens over all time). Both sides alike."""
+    steps = [r for r in records if "loss" in r and "step_time_s" in r]
+    timed = [r for r in steps if r["step"] > warmup] or steps
+    rated = [r for r in timed if r.get("tokens_per_s")]
+    seconds = sum(r["step_time_s"] for r in rated)
+    peaks = [r["peak_gpu_memory_gib"] for r in records if r.get("peak_gpu_memory_gib") is not None]
+    return {"median_step_time_s": statistics.median(r["step_time_s"] for r in timed) if timed else None,
+            "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in rated) / seconds if seconds else None,
+            "peak_gpu_memory_gib": max(peaks) if peaks else None, "timed_steps": len(timed)}
+
+
+def run_recipe_side(name: str, bench: Bench, flags: list[str], model: str, data: str, steps: int, warmup: int,
+                    work: Path, regime: str, timeout: int) -> dict:
+    runs = work / "runs"
+    before = set((runs / name).glob("*"))
+    log = work / "logs" / f"{name}-{regime}-recipe.log"
+    command = [sys.executable, "-m", f"recipes.{name}", "--model-name", model, "--data", data,
+               "--max-steps", str(steps), "--output-dir", str(runs), *flags]
+    code, wall = run_logged(command, log, timeout)
+    created = sorted(set((runs / name).glob("*")) - before)
+    if code != 0 or not created or not (created[-1] / "results.md").exists():
+        return {"error": failure(log, code), "wall_s": wall, "log": str(log)}
+    folder = created[-1]
+    metrics = next(folder.glob(bench.metrics), None)
+    if metrics is None:
+        return {"error": f"no {bench.metrics} in {folder}: update the metrics glob of RECIPES['{name}']",
+                "wall_s": wall, "log": str(log)}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    logged = log.read_text(errors="replace")
+    return {**timed_metrics(read_jsonl(metrics), warmup), "wall_s": wall, "log": str(log),
+            "run_folder": str(folder), "optimizer": manifest.get("optimizer"),
+            "batching": batching_logged(logged),
+            "manifest": {key: manifest.get(key) for key in ("median_step_time_s", "tokens_per_s",
+                                                            "peak_gpu_memory_gib")}}
+
+
+def batching_logged(log: str) -> str:
+    """How Unsloth batched the recipe's rows, from what it printed: padding-free, packing, padded (and why); 'not
+    logged' where the recipe turned padding-free off itself (gpt2_medium_qlora) or Unsloth said nothing (CPU)."""
+    padded = re.search(r"Padded batches \+ per-block compile chosen over padding-free \((.*?)\)\. ", log)
+    if padded:
+        return f"padded ({padded.group(1)})"
+    if re.search(r"Padding-free (auto-)?enabled", log):
+        return "padding-free"
+    return "packing" if "Packing enabled" in log else "not logged"
+
+
+def run_plain_side(name: str, settings: dict, model: str, data: dict, steps: int, warmup: int, work: Path,
+                   precision: str, timeout: int) -> dict:
+    """Both regimes in one plain process (one model load); each gets a fresh adapter, optimiser and peak reading."""
+    out = work / "plain" / name
+    log = work / "logs" / f"{name}-plain.log"
+    switch = {True: "--", False: "--no-"}
+    command = [sys.executable, "-m", "bench.plain_sft", "--model-name", model, "--output-dir", str(out),
+               "--data", *[entry["plain_file"] for entry in data.values()], "--max-steps", str(steps),
+               "--precision", precision, "--target-modules", ",".join(settings["target_modules"]),
+               switch[settings["gradient_checkpointing"]] + "gradient-checkpointing",
+               switch[settings["load_in_4bit"]] + "load-in-4bit"]
+    for key in ("max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
+                "lora_dropout", "optim", "learning_rate"):
+        command += ["--" + key.replace("_", "-"), str(settings[key])]
+    code, wall = run_logged(command, log, timeout)
+    sides = {}
+    for regime, entry in data.items():
+        folder = out / Path(entry["plain_file"]).stem
+        if code != 0 or not (folder / "result.json").exists():
+            sides[regime] = {"error": failure(log, code), "wall_s": wall, "log": str(log)}
+            continue
+        result = json.loads((folder / "result.json").read_text())
+        sides[regime] = {**timed_metrics(read_jsonl(folder / "metrics.jsonl"), warmup), "wall_s": wall,
+                         "log": str(log), "optimizer": result["optimizer"],
+                         "padding_fraction": result["padding_fraction"]}
+    return sides
+
+
+def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: str | None, work: Path) -> dict:
+    """Both regimes of one recipe, both sides; returns {"<name>/<regime>": result}."""
+    from common.config import parse
+    from transformers import AutoTokenizer
+    from unsloth import get_chat_template
+    bench = RECIPES[name]
+    steps = args.steps or bench.steps
+    module = importlib.import_module(f"recipes.{name}")
+    flags = recipe_flags(bench, steps, args.smoke)
+    cfg, _ = parse(module.Config, flags)
+    settings = recipe_settings(module, cfg, bench)
+    warmup = max(args.warmup_steps, getattr(cfg, "timing_warmup_steps", 0))  # gpt2_medium_qlora knows its compile
+    model = model_folder(bench.shape, args.smoke, work, precision)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if settings["chat_template"]:
+        tokenizer = get_chat_template(tokenizer, chat_template=settings["chat_template"])
+    data = write_data(name, bench, module, cfg, tokenizer, args.regimes, steps, work / "data")
+    print(f"{name}: " + "; ".join(f"{regime} {d['rows']} rows of {d['tokens_min']}-{d['tokens_max']} tokens (mean "
+                                  f"{d['tokens_mean']:.0f})" for regime, d in data.items()), flush=True)
+    recipe_sides = {}
+    for regime in args.regimes:
+        recipe_sides[regime] = run_recipe_side(name, bench, flags, model, data[regime]["recipe_file"], steps, warmup,
+                                               work, regime, args.side_timeout)
+        print(f"{name} {regime} recipe: {side_line(recipe_sides[regime])}", flush=True)
+    plain_sides = run_plain_side(name, settings, model, data, steps, warmup, work, precision, args.side_timeout)
+    parameters = parameter_count(model)
+    results = {}
+    for regime in args.regimes:
+        print(f"{name} {regime} plain: {side_line(plain_sides[regime])}", flush=True)
+        results[f"{name}/{regime}"] = {
+            "recipe": name, "regime": regime, "shape": bench.shape, "parameters": parameters, "gpu": gpu,
+            "peak_flops": peak_flops, "precision": precision, "steps": steps, "warmup_steps": warmup,
+            "settings": settings, "data": data[regime], "recipe_side": recipe_sides[regime],
+            "plain_side": plain_sides[regime], "smoke": args.smoke,
+            "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return results
+
+
+def side_line(side: dict) -> str:
+    if "error" in side:
+        return f"FAILED {side['error']}"
+    return (f"{fmt(side['tokens_per_s'], ',.0f')} tokens/s, median step {fmt(side['median_step_time_s'], '.3f')} s, "
+            f"peak {fmt(side['peak_gpu_memory_gib'], '.2f')} GiB ({side['wall_s']:.0f} s wall)")
+
+
+# ---- the table ----------------------------------------------------------------------------------------------------
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def mfu(parameters: int, tokens_per_s: float | None, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: 6 N FLOP a trained token (forward 2N, backward 4N) over the measured peak."""
+    return 6 * parameters * tokens_per_s / peak_flops if tokens_per_s and peak_flops else None
+
+
+def verdict(regime: str, shape: str, speed: float | None, memory: float | None) -> str:
+    """pass / FAIL against the issue's targets; n/a when a number is missing (a failed side, no GPU memory on CPU)."""
+    if regime == "chat":
+        return "n/a" if speed is None else "pass" if speed >= CHAT_SPEEDUP else "FAIL"
+    if speed is None or memory is None:
+        return "n/a"
+    target_speed, target_memory = TARGETS[shape]
+    return "pass" if speed >= target_speed and memory <= target_memory else "FAIL"
+
+
+def target_text(regime: str, shape: str) -> tuple[str, str]:
+    if regime == "chat":
+        return f">= {CHAT_SPEEDUP:.2f}x", "-"
+    return f">= {TARGETS[shape][0]:.2f}x", f"<= {TARGETS[shape][1]:.2f}x"
+
+
+def fmt(value, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def ordered(runs: dict) -> list[dict]:
+    order = {(name, regime): i for i, (name, regime) in
+             enumerate((name, regime) for name in RECIPES for regime in REGIMES)}
+    return sorted(runs.values(), key=lambda r: order.get((r["recipe"], r["regime"]), len(order)))
+
+
+def table(runs: dict) -> list[str]:
+    lines = ["| recipe | data | tokens/s recipe / plain | x tokens/s | target | median step s recipe / plain "
+             "| peak GiB recipe / plain | x memory | target | MFU recipe / plain | plain padding | result |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for run in ordered(runs):
+        ours, plain = run["recipe_side"], run["plain_side"]
+        if "error" in ours or "error" in plain:
+            failed = "recipe" if "error" in ours else "plain"
+            reason = (ours.get("error") or plain.get("error")).replace("|", "/")
+            lines.append(f"| {run['recipe']} | {run['regime']} | {failed} side failed: {reason} |" + " |" * 8
+                         + " error |")
+            continue
+        speed = ratio(ours["tokens_per_s"], plain["tokens_per_s"])
+        memory = ratio(ours["peak_gpu_memory_gib"], plain["peak_gpu_memory_gib"])
+        speed_target, memory_target = target_text(run["regime"], run["shape"])
+        utilisation = [mfu(run["parameters"], side["tokens_per_s"], run["peak_flops"]) for side in (ours, plain)]
+        lines.append(
+            f"| {run['recipe']} | {run['regime']} | {fmt(ours['tokens_per_s'], ',.0f')} / "
+            f"{fmt(plain['tokens_per_s'], ',.0f')} | {fmt(speed, '.2f', 'x')} | {speed_target} | "
+            f"{fmt(ours['median_step_time_s'], '.3f')} / {fmt(plain['median_step_time_s'], '.3f')} | "
+            f"{fmt(ours['peak_gpu_memory_gib'], '.2f')} / {fmt(plain['peak_gpu_memory_gib'], '.2f')} | "
+            f"{fmt(memory, '.2f', 'x')} | {memory_target} | {fmt(utilisation[0], '.1%')} / "
+            f"{fmt(utilisation[1], '.1%')} | {fmt(plain.get('padding_fraction'), '.0%')} | "
+            f"{verdict(run['regime'], run['shape'], speed, memory)} |")
+    return lines
+
+
+def billions(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f} B" if parameters >= 1e8 else f"{parameters:,}"
+
+
+def settings_table(runs: dict) -> list[str]:
+    lines = ["| recipe | data | model shape (N parameters) | seq | batch x accum | LoRA | optimiser | grad. ckpt | "
+             "rows: tokens min / mean / max | steps (timed) | recipe batches |",
+             "|---|---|---|---:|---:|---|---|:---:|---:|---:|---|"]
+    for run in (run for run in ordered(runs) if "settings" in run):
+        s, d, ours = run["settings"], run["data"], run["recipe_side"]
+        lines.append(
+            f"| {run['recipe']} | {run['regime']} | {run['shape']} ({billions(run['parameters'])}) | "
+            f"{s['max_seq_length']} | {s['per_device_train_batch_size']} x {s['gradient_accumulation_steps']} | "
+            f"r{s['lora_r']}/a{s['lora_alpha']} on {','.join(s['target_modules'])} | {s['optim']} | "
+            f"{'yes' if s['gradient_checkpointing'] else 'no'} | {d['tokens_min']} / {d['tokens_mean']:.0f} / "
+            f"{d['tokens_max']} ({d['rows']} rows) | {run['steps']} ({ours.get('timed_steps', '-')} after "
+            f"{run['warmup_steps']}) | {ours.get('batching', '-')} |")
+    return lines
+
+
+def report(results: dict) -> str:
+    runs, sessions = results["runs"], results["sessions"]
+    smoke = any(run.get("smoke") for run in runs.values())
+    gpus = sorted({f"{run['gpu'] or 'CPU'} (measured peak {run['peak_flops'] / 1e12:,.4g} TFLOP/s in "
+                   f"{run['precision']})" for run in runs.values() if "peak_flops" in run})
+    lines = ["# Benchmarks: recipes vs the plain transformers + PEFT + bitsandbytes script", "",
+             "Generated by `bench/benchmark.py`; do not edit by hand (analysis goes in `bench/notes.md`, copied "
+             "below).",
+             ""]
+    if smoke:
+        lines += ["**Smoke run on CPU with tiny models: these numbers only show the harness works.**", ""]
+    lines += [f"- GPU: {'; '.join(gpus)}",
+              "- each recipe ran through its own code path (`python -m recipes.<name>`) and `bench/plain_sft.py` "
+              "(transformers Trainer + PEFT LoRA + bitsandbytes NF4 with double quantization, the recipe's optimiser, "
+              "batches padded to their longest row) as separate processes on the same GPU, on a random-init model of "
+              "the card's shape with the recipe's sequence length, batch, accumulation, LoRA, precision and optimiser",
+              "- tokens/s counts non-padding tokens as the collator builds each batch "
+              "(common.callbacks.MetricsRecorder on both sides), over the steps after warm-up; median step time over "
+              "the same steps; peak GPU memory is torch.cuda.max_memory_allocated during training; "
+              "MFU = 6 N tokens/s / measured peak, N the base model's parameters",
+              "- data: fixed = every row just under the recipe's max_seq_length; chat = "
+              "`bench/data/chat_lengths.jsonl` (log-normal lengths, long tail), rows longer than max_seq_length "
+              "left out on both sides",
+              f"- targets (the issue, raw Unsloth vs plain on an H100): fixed rows at least the tokens/s ratio and at "
+              f"most the memory ratio of Llama-3-8B {TARGETS['llama-3-8b'][0]}x / {TARGETS['llama-3-8b'][1]}x "
+              f"(also for Llama-3.1-8B, same shape), TinyLlama {TARGETS['tinyllama-1.1b'][0]}x / "
+              f"{TARGETS['tinyllama-1.1b'][1]}x, Llama-3.2-1B {TARGETS['llama-3.2-1b'][0]}x / "
+              f"{TARGETS['llama-3.2-1b'][1]}x, GPT-2 M {TARGETS['gpt2-medium'][0]}x / {TARGETS['gpt2-medium'][1]}x; "
+              f"chat rows at least {CHAT_SPEEDUP:.0f}x the plain script's tokens/s", "",
+              "## Results", "", *table(runs), "", "## Settings", "", *settings_table(runs), "", "## Runs", ""]
+    for session in sessions:
+        packages = ", ".join(f"{k} {v}" for k, v in session["packages"].items() if v)
+        lines.append(f"- {session['finished_utc']}: `{session['command']}` ({session['wall_s']:.0f} s; "
+                     f"{session['gpu'] or 'CPU'}; commit {session['git_commit']}); {packages}")
+    if NOTES.exists() and not smoke:
+        lines += ["", "## Notes", "", NOTES.read_text().strip()]
+    return "\n".join(lines) + "\n"
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[10:]))
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES))
+    parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated: fixed, chat")
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps a side (default: each recipe's row)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timings")
+    parser.add_argument("--work-dir", default="", help="models, data, run folders, logs, results.json (bench/out)")
+    parser.add_argument("--out", default="", help="the markdown report (BENCHMARKS.md in the repository root)")
+    parser.add_argument("--side-timeout", type=int, default=300, help="seconds one side may run before it is stopped")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, 3 steps, a temp work dir")
+    parser.add_argument("--report-only", action="store_true", help="regenerate the report from results.json")
+    parser.add_argument("--rebuild-chat-sample", action="store_true", help=f"rewrite {CHAT_SAMPLE.relative_to(REPO)}")
+    args = parser.parse_args(argv)
+    args.recipes = [r for r in args.recipes.split(",") if r]
+    args.regimes = [r for r in args.regimes.split(",") if r]
+    unknown = [r for r in args.recipes if r not in RECIPES] + [r for r in args.regimes if r not in REGIMES]
+    if unknown:
+        parser.error(f"unknown recipe or regime: {', '.join(unknown)}")
+    if args.smoke:
+        args.steps, args.warmup_steps = args.steps or 3, min(args.warmup_steps, 1)
+    work = Path(args.work_dir or (tempfile.mkdtemp(prefix="bench-smoke-") if args.smoke else REPO / "bench" / "out"))
+    args.work_dir, args.out = work, Path(args.out or (work / "BENCHMARKS.md" if args.smoke else REPO / "BENCHMARKS.md"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.rebuild_chat_sample:
+        write_jsonl(CHAT_SAMPLE, chat_sample())
+        print(f"wrote {CHAT_SAMPLE} ({CHAT_SAMPLE.stat().st_size / 1e6:.2f} MB)")
+        return
+    results_file = args.work_dir / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": {}, "sessions": []}
+    if not args.report_only:
+        import torch
+        from common.hardware import detect
+        from common.outputs import git_commit, package_versions
+        started, started_utc = time.perf_counter(), datetime.now(timezone.utc)
+        gpu_conftest()  # Unsloth first (tests/gpu/conftest.py imports it), before transformers is imported here
+        hardware = detect()
+        peak_flops = measured_peak_flops(hardware.precision)
+        print(f"{hardware.gpu_name or 'CPU'}: measured peak {peak_flops / 1e12:,.4g} TFLOP/s ({hardware.precision}); "
+              f"work dir {args.work_dir}", flush=True)
+        for name in args.recipes:
+            try:
+                results["runs"].update(benchmark_recipe(name, args, hardware.precision, peak_flops,
+                                                        hardware.gpu_name, args.work_dir))
+            except Exception as error:  # a recipe changed under the table (a renamed field): report it, go on
+                reason = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+                print(f"{name}: FAILED {reason['error']}", flush=True)
+                results["runs"].update({f"{name}/{regime}": {"recipe": name, "regime": regime,
+                                                             "shape": RECIPES[name].shape, "recipe_side": reason,
+                                                             "plain_side": reason} for regime in args.regimes})
+            print(f"{time.perf_counter() - started:.0f} s since the start", flush=True)
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+            results_file.write_text(json.dumps(results, indent=2) + "\n")  # after each recipe: a cut run keeps them
+            args.out.write_text(report(results))
+        results["sessions"].append({
+            "command": "python -m bench.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+            "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started_utc": started_utc.isoformat(timespec="seconds"), "wall_s": time.perf_counter() - started,
+            "gpu": hardware.gpu_name, "git_commit": git_commit(), "packages": package_versions(),
+            "torch_cuda": torch.version.cuda})
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+    report_text = report(results)
+    args.out.write_text(report_text)
+    print("\n".join(table(results["runs"])))
+    print(f"\nwrote {args.out}" + ("" if args.report_only else f" and {results_file}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The benchmark harness: its arithmetic by hand, the bundled chat sample, fixed-length rows, and a --smoke run of the
+whole harness on CPU (one recipe, both regimes, both sides as separate processes)."""
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from bench import benchmark
+from tests.conftest import REPO
+
+
+def test_mfu_ratio_and_verdict_by_hand():
+    # 8e9 parameters at 5,000 tokens/s: 6 * 8e9 * 5e3 = 2.4e14 FLOP/s of a 7e14 peak.
+    assert benchmark.mfu(8_000_000_000, 5_000.0, 700e12) == pytest.approx(0.342857, rel=1e-5)
+    assert benchmark.mfu(8_000_000_000, None, 700e12) is None
+    assert benchmark.ratio(5_222.0, 3_293.0) == pytest.approx(1.58579, rel=1e-5)
+    assert benchmark.ratio(6.01, 9.18) == pytest.approx(0.65468, rel=1e-4)
+    assert benchmark.ratio(1.0, None) is None and benchmark.ratio(1.0, 0.0) is None
+    assert benchmark.verdict("fixed", "llama-3-8b", 1.60, 0.64) == "pass"
+    assert benchmark.verdict("fixed", "llama-3-8b", 1.58, 0.64) == "FAIL"  # not fast enough
+    assert benchmark.verdict("fixed", "llama-3-8b", 1.60, 0.66) == "FAIL"  # not lean enough
+    assert benchmark.verdict("fixed", "gpt2-medium", 1.66, None) == "n/a"  # no GPU memory reading (CPU)
+    assert benchmark.verdict("chat", "llama-3.2-1b", 2.0, None) == "pass"  # chat: tokens/s only
+    assert benchmark.verdict("chat", "llama-3.2-1b", 1.99, 0.5) == "FAIL"
+
+
+def test_a_failed_side_is_one_row_naming_it_and_batching_is_read_from_unsloth_log():
+    failed = {"error": "exit 2: error: unknown flag --ranks | see --help"}
+    runs = {"gpt2_medium_qlora/chat": {"recipe": "gpt2_medium_qlora", "regime": "chat", "shape": "gpt2-medium",
+                                       "recipe_side": failed, "plain_side": {"tokens_per_s": 1.0}}}
+    header, _, row = benchmark.table(runs)
+    assert len(row.strip("|").split("|")) == len(header.strip("|").split("|")) == 12
+    assert "recipe side failed: exit 2: error: unknown flag --ranks / see --help" in row and row.endswith("| error |")
+    auto = "x\n🦥 Unsloth: Padding-free auto-enabled, enabling faster training.\n"
+    assert benchmark.batching_logged(auto) == "padding-free"
+    chosen = ("Unsloth: Padded batches + per-block compile chosen over padding-free (host bound (padded micro batch "
+              "~12 ms of GPU work)). Set UNSLOTH_PADDING_CHOICE=padding_free to override.")
+    assert benchmark.batching_logged(chosen) == "padded (host bound (padded micro batch ~12 ms of GPU work))"
+    assert benchmark.batching_logged("nothing said") == "not logged"
+
+
+def test_timed_metrics_leave_out_warmup_and_weigh_rates_by_time():
+    records = [{"step": 1, "loss": 9.0, "step_time_s": 30.0, "tokens_per_s": 10.0, "peak_gpu_memory_gib": 5.0},
+               {"step": 2, "loss": 8.0, "step_time_s": 1.0, "tokens_per_s": 100.0, "peak_gpu_memory_gib": 6.0},
+               {"step": 2, "eval_loss": 8.5},
+               {"step": 3, "loss": 7.0, "step_time_s": 3.0, "tokens_per_s": 200.0, "peak_gpu_memory_gib": 6.5}]
+    timed = benchmark.timed_metrics(records, warmup=1)
+    assert timed["tokens_per_s"] == pytest.approx((100 * 1 + 200 * 3) / 4)  # 700 tokens in 4 s
+    assert timed["median_step_time_s"] == pytest.approx(2.0)
+    assert timed["peak_gpu_memory_gib"] == 6.5 and timed["timed_steps"] == 2
+
+
+def test_bundled_chat_sample_is_the_generator_output_with_a_long_tail():
+    shipped = benchmark.read_jsonl(benchmark.CHAT_SAMPLE)
+    assert shipped == benchmark.chat_sample(), "regenerate with: python -m bench.benchmark --rebuild-chat-sample"
+    assert benchmark.CHAT_SAMPLE.stat().st_size < 1_000_000
+    words = [sum(len(m["content"].split()) for m in row["messages"]) for row in shipped]
+    assert 180 <= statistics.median(words) <= 260 and min(words) >= 16
+    assert max(words) >= 1_000 and sum(w > 1_000 for w in words) >= 5  # the long tail padding wastes most on
+    assert {m["role"] for row in shipped for m in row["messages"]} == {"user", "assistant"}
+
+
+def test_fixed_rows_sit_just_under_the_sequence_length(tmp_path):
+    from common.smoke import train_tokenizer
+    from unsloth import get_chat_template
+    import recipes.llama3_8b as recipe
+
+    tokenizer = get_chat_template(train_tokenizer([" ".join(benchmark.gpu_conftest().WORDS)] * 50, "llama-3"),
+                                  chat_template="llama-3")
+    cfg = recipe.Config(max_seq_length=300, per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    written = benchmark.write_data("llama3_8b", benchmark.RECIPES["llama3_8b"], recipe, cfg, tokenizer,
+                                   ["fixed", "chat"], steps=2, folder=tmp_path)
+    fixed, chat = written["fixed"], written["chat"]
+    assert 300 - benchmark.MARGIN - 4 <= fixed["tokens_min"] <= fixed["tokens_max"] <= 300 - benchmark.MARGIN
+    assert fixed["rows"] == 10  # 2 rows x 1 accumulation x (2 steps + 2), a quarter more for the eval split
+    assert chat["tokens_min"] < chat["tokens_mean"] / 2 and chat["tokens_max"] <= 300 - benchmark.MARGIN
+    assert chat["rows"] == len(benchmark.read_jsonl(chat["recipe_file"]))
+    assert chat["rows"] == len(benchmark.read_jsonl(chat["plain_file"]))
+    recipe_rows = benchmark.read_jsonl(fixed["recipe_file"])
+    plain_rows = benchmark.read_jsonl(fixed["plain_file"])
+    assert plain_rows[0]["text"] == tokenizer.apply_chat_template(recipe_rows[0]["messages"], tokenize=False)
+
+
+def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-m", "bench.benchmark", "--smoke", "--recipes", "llama3_8b",
+                             "--work-dir", str(tmp_path), "--out", str(tmp_path / "BENCH.md")],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": pythonpath}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert set(runs) == {"llama3_8b/fixed", "llama3_8b/chat"}
+    markdown = (tmp_path / "BENCH.md").read_text()
+    for regime in ("fixed", "chat"):
+        run = runs[f"llama3_8b/{regime}"]
+        ours, plain = run["recipe_side"], run["plain_side"]
+        assert ours["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0 and ours["timed_steps"] == 2
+        assert "fused" in ours["optimizer"] and "bitsandbytes" in plain["optimizer"]  # Unsloth's CPU swap vs bnb
+        assert (tmp_path / "runs" / "llama3_8b").is_dir() and (tmp_path / "logs" / "llama3_8b-plain.log").is_file()
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| llama3_8b | {regime} | "))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        speed = benchmark.ratio(ours["tokens_per_s"], plain["tokens_per_s"])
+        assert cells[2] == f"{ours['tokens_per_s']:,.0f} / {plain['tokens_per_s']:,.0f}"
+        assert cells[3] == f"{speed:.2f}x" and cells[4] == (">= 1.59x" if regime == "fixed" else ">= 2.00x")
+        assert re.fullmatch(r"\d+\.\d{3} / \d+\.\d{3}", cells[5])  # median step times
+        assert re.fullmatch(r"\d+\.\d% / \d+\.\d%", cells[9])  # MFU, against the CPU's measured peak
+        assert cells[-1] == ("n/a" if regime == "fixed" else "pass" if speed >= 2 else "FAIL")  # no memory on CPU
+    assert runs["llama3_8b/fixed"]["data"]["tokens_max"] <= 256 - benchmark.MARGIN  # --smoke: max_seq_length 256
+    padding = {regime: runs[f"llama3_8b/{regime}"]["plain_side"]["padding_fraction"] for regime in ("fixed", "chat")}
+    assert padding["fixed"] < 0.05 < padding["chat"]
+    assert "Smoke run on CPU" in markdown and "`python -m bench.benchmark --smoke --recipes llama3_8b" in markdown
