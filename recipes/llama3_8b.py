@@ -33,7 +33,9 @@ class Config:
     model_name: str = "unsloth/llama-3-8b-Instruct-bnb-4bit"  # the card's checkpoint, pre-quantized by Unsloth
     load_in_4bit: bool = True  # 4-bit bitsandbytes base: the 8B model fits a 16 GB T4
     max_seq_length: int = 1024  # card: longer FineTome conversations are dropped, not truncated
-    attn_implementation: str = "eager"  # card: eager for stability; Unsloth's GPU path ignores it (own fused attention)
+    # Unsloth 2026.10.9's GPU loader drops attn_implementation and runs its own attention (SDPA on an H100 without
+    # xformers), so "eager" costs nothing there and "sdpa" gains nothing; only the CPU backend passes it to transformers.
+    attn_implementation: str = "eager"  # card: eager for stability; on a GPU Unsloth runs its own attention instead
     lora_r: int = 8  # card: small rank, the attention projections need little capacity for chat style
     lora_alpha: int = 16  # card: alpha = 2 x rank
     lora_dropout: float = 0.0  # card: 0 (also lets Unsloth use its fused LoRA kernels)
