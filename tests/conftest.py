@@ -1,4 +1,5 @@
 """Shared test helpers: run a recipe as the user would (a subprocess), and find the run folder it wrote."""
+import json
 import os
 import subprocess
 import sys
@@ -35,16 +36,25 @@ def run_folders(output_dir: Path, recipe: str) -> list[Path]:
     return sorted((output_dir / recipe).iterdir()) if (output_dir / recipe).exists() else []
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def run_to_completion(recipe: str, *args: str, output_dir: Path, env: dict | None = None):
+    """Run a recipe and return (its new run folder, the CompletedProcess); fails the test with the recipe's output
+    when it exits non-zero or does not write exactly one new run folder."""
+    before = set(run_folders(output_dir, recipe))
+    result = run_recipe_process(recipe, *args, output_dir=output_dir, env=env)
+    assert result.returncode == 0, f"{recipe} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    print("\n".join(line for line in result.stdout.splitlines()[-40:] if "it/s]" not in line))  # shown with -s
+    created = [p for p in run_folders(output_dir, recipe) if p not in before]
+    assert len(created) == 1, f"expected one new run folder, found {created}"
+    return created[0], result
+
+
 @pytest.fixture
 def run_recipe(tmp_path):
-    """Run a recipe to completion and return its run folder; fails the test with the recipe's stderr otherwise."""
+    """Run a recipe to completion and return its run folder (run_to_completion, into tmp_path/outputs by default)."""
     def run(recipe: str, *args: str, output_dir: Path | None = None, env: dict | None = None) -> Path:
-        out = output_dir or tmp_path / "outputs"
-        before = set(run_folders(out, recipe))
-        result = run_recipe_process(recipe, *args, output_dir=out, env=env)
-        assert result.returncode == 0, f"{recipe} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        print("\n".join(line for line in result.stdout.splitlines()[-40:] if "it/s]" not in line))  # shown with -s
-        created = [p for p in run_folders(out, recipe) if p not in before]
-        assert len(created) == 1, f"expected one new run folder, found {created}"
-        return created[0]
+        return run_to_completion(recipe, *args, output_dir=output_dir or tmp_path / "outputs", env=env)[0]
     return run

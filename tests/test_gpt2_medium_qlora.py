@@ -14,22 +14,15 @@ from common.model import load_model
 from common.smoke import tiny_model, train_tokenizer
 from recipes.gpt2_medium_qlora import (SAMPLE_DATA, Config, add_lora, alpaca_prompt, alpaca_rows, main, mean_pool,
                                        mean_pooled_cosine, probe, token_match_rate)
+from tests.conftest import read_jsonl, run_to_completion
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    from tests.conftest import run_folders, run_recipe_process
-    out = tmp_path_factory.mktemp("smoke")
-    result = run_recipe_process("gpt2_medium_qlora", "--smoke", output_dir=out)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
-    (folder,) = run_folders(out, "gpt2_medium_qlora")
+    folder, result = run_to_completion("gpt2_medium_qlora", "--smoke", output_dir=tmp_path_factory.mktemp("smoke"))
     return folder, result.stdout
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_smoke_study_writes_every_table_plot_and_adapter(smoke_run):

@@ -15,7 +15,7 @@ from common.errors import UserError
 from common.smoke import tiny_model
 from recipes.llama31_8b_qlora import (LLAMA31_8B_CONFIG, SAMPLE_DATA, TARGETS, VARIANTS, chosen_rank, lora_alpha_for,
                                       lora_parameter_count, main, parameter_counts, relative_gain)
-from tests.conftest import run_folders, run_recipe_process
+from tests.conftest import run_to_completion
 
 RECIPE = "llama31_8b_qlora"
 ATTENTION = ["k_proj", "o_proj", "q_proj", "v_proj"]
@@ -23,11 +23,7 @@ MLP = ["down_proj", "gate_proj", "up_proj"]
 
 
 def run_smoke(tmp_path_factory, name, *args):
-    out = tmp_path_factory.mktemp(name)
-    result = run_recipe_process(RECIPE, "--smoke", *args, output_dir=out)
-    assert result.returncode == 0, result.stderr[-4000:]
-    (folder,) = run_folders(out, RECIPE)
-    return folder
+    return run_to_completion(RECIPE, "--smoke", *args, output_dir=tmp_path_factory.mktemp(name))[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_folders, run_recipe_process
+from tests.conftest import read_jsonl, run_folders, run_to_completion
 
 RECIPE = "llama32_1b_mlp"
 SAMPLE = Path(__file__).resolve().parent.parent / "recipes" / "data" / "repo_qa_sample.jsonl"
@@ -15,16 +15,12 @@ MLP_MODULES = [f"model.layers.{layer}.mlp.{name}" for layer in (0, 1) for name i
 
 
 def train_losses(folder):
-    return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r]
+    return [(r["step"], r["loss"]) for r in read_jsonl(folder / "metrics.jsonl") if "loss" in r]
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    result = run_recipe_process(RECIPE, "--smoke", output_dir=out)
-    assert result.returncode == 0, result.stderr[-4000:]
-    (folder,) = run_folders(out, RECIPE)
+    folder, result = run_to_completion(RECIPE, "--smoke", output_dir=tmp_path_factory.mktemp("smoke"))
     return folder, json.loads((folder / "manifest.json").read_text())
 
 

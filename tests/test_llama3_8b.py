@@ -5,11 +5,11 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_folders, run_recipe_process
+from tests.conftest import read_jsonl, run_folders, run_recipe_process, run_to_completion
 
 
 def read_metrics(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(folder / "metrics.jsonl")
 
 
 def eval_records(folder):
@@ -22,10 +22,7 @@ def train_losses(folder):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    result = run_recipe_process("llama3_8b", "--smoke", output_dir=out)
-    assert result.returncode == 0, result.stderr[-4000:]
-    (folder,) = run_folders(out, "llama3_8b")
+    folder, result = run_to_completion("llama3_8b", "--smoke", output_dir=tmp_path_factory.mktemp("smoke"))
     return folder, result
 
 

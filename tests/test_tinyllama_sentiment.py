@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from tests.conftest import REPO, run_folders, run_recipe_process
+from tests.conftest import REPO, read_jsonl, run_folders, run_recipe_process, run_to_completion
 
 RECIPE = "tinyllama_sentiment"
 SAMPLE = REPO / "recipes" / "data" / "tweet_sentiment_sample.jsonl"
@@ -23,10 +23,6 @@ CUE_WORDS = {"negative": "awful terrible hate broken sad angry".split(),
 LEARN_FLAGS = ("--max-steps", "60", "--learning-rate", "1e-2", "--per-device-train-batch-size", "8",
                "--gradient-accumulation-steps", "1", "--warmup-steps", "5", "--eval-steps", "30",
                "--generation-samples", "8", "--max-new-tokens", "4", "--balance")
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def write_learnable_data(path):
@@ -75,10 +71,7 @@ def assert_learned(folder):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    result = run_recipe_process(RECIPE, "--smoke", output_dir=out)
-    assert result.returncode == 0, result.stderr[-4000:]
-    (folder,) = run_folders(out, RECIPE)
+    folder, result = run_to_completion(RECIPE, "--smoke", output_dir=tmp_path_factory.mktemp("smoke"))
     return folder, result
 
 
