@@ -71,16 +71,47 @@ def test_same_seed_gives_identical_losses(smoke_run, tmp_path):
     assert len(train_losses(first)) == 12
 
 
-def test_best_checkpoint_is_kept_when_eval_loss_rises(run_recipe):
-    # A large constant learning rate makes the tiny model's eval loss rise after the first evaluation. A 16-bit base:
-    # on CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights for its inference kernel at some evaluations and
-    # not others, so the same weights' eval loss moves in the fourth digit and could not be compared exactly.
-    folder = run_recipe("llama3_8b", "--smoke", "--load-in-4bit", "false", "--learning-rate", "0.3",
-                        "--lr-scheduler-type", "constant", "--warmup-steps", "0", "--eval-steps", "2", "--max-steps", "8")
+def conflicting_answers(folder):
+    """A tiny model and 40 conversations whose held-out answers contradict the training answers: training rows answer
+    'alpha ...', the rows the recipe's seeded 80/20 split holds out answer 'omega ...'. Learning the training answers
+    first lowers the eval loss (the shared template) and then raises it, so the best evaluation is not the last."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.data import split_train_eval
+    from common.smoke import texts_in, train_tokenizer
+    from recipes.llama3_8b import Config
+    _, held_out = split_train_eval(list(range(40)), Config.eval_fraction, Config.seed)
+    rows = [{"messages": [{"role": "user", "content": f"which word comes next {i}"},
+                          {"role": "assistant", "content": " ".join(["omega" if i in held_out else "alpha"] * 12)}]}
+            for i in range(40)]
+    data = folder / "conflicting.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = train_tokenizer(list(texts_in(rows)), "llama-3")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return str(folder / "model"), str(data)
+
+
+def test_best_checkpoint_is_kept_when_eval_loss_rises(run_recipe, tmp_path):
+    # A 16-bit base: on CPUs with AVX512-BF16, bitsandbytes 0.50 repacks 4-bit weights for its inference kernel at some
+    # evaluations and not others, so the same weights' eval loss moves in the fourth digit and could not be compared.
+    model, data = conflicting_answers(tmp_path)
+    folder = run_recipe("llama3_8b", "--model-name", model, "--data", data, "--max-samples", "0",
+                        "--max-seq-length", "128", "--gradient-accumulation-steps", "1", "--load-in-4bit", "false",
+                        "--learning-rate", "0.05", "--lr-scheduler-type", "constant", "--warmup-steps", "0",
+                        "--eval-steps", "2", "--max-steps", "8", "--max-eval-samples", "8", "--sample-prompts", "1",
+                        "--max-new-tokens", "4")
     evals = eval_records(folder)
     losses = {r["step"]: r["eval_loss"] for r in evals}
     best_step = min(losses, key=losses.get)
-    assert best_step < max(losses), f"eval loss never rose, the test proves nothing: {losses}"
+    assert best_step < max(losses) and losses[max(losses)] > losses[best_step] + 0.05, \
+        f"eval loss did not clearly rise, the test proves nothing: {losses}"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["best_step"] == best_step
     assert manifest["final_eval_loss"] == pytest.approx(losses[best_step], rel=1e-4)
