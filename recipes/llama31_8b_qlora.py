@@ -18,6 +18,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel, get_chat_template, train_on_responses_only
 
+from common.batching import token_budget_batches
 from common.callbacks import MetricsRecorder, StopAfterStep
 from common.chat import TURN_MARKERS, conversation_dataset, generate_reply
 from common.config import parse
@@ -154,29 +155,30 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
                                                     cfg.eval_fraction, cfg.seed)
     print(f"rank {rank}: data {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
 
-    # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss.
+    # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss. A step's
+    #    8 conversations run as passes of at most 2 x 2048 tokens: short ones share a pass (common/batching.py).
     if run.resume:
         folder.trim_metrics_after(int(Path(folder.last_checkpoint()).name.split("-")[1]))
     recorder = MetricsRecorder(folder.metrics)
-    trainer = SFTTrainer(
-        model=model,
-        processing_class=tokenizer,
-        train_dataset=conversation_dataset(train_rows),
-        eval_dataset=conversation_dataset(eval_rows[:cfg.max_eval_samples]),
-        callbacks=[recorder, StopAfterStep(run.stop_after_step)],
-        args=SFTConfig(
-            output_dir=str(folder.checkpoints), max_length=cfg.max_seq_length,
-            per_device_train_batch_size=cfg.per_device_train_batch_size,
-            per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-            warmup_steps=cfg.warmup_steps, lr_scheduler_type=cfg.lr_scheduler_type, max_steps=cfg.max_steps,
-            optim=cfg.optim, weight_decay=cfg.weight_decay, eval_strategy="steps", eval_steps=cfg.eval_steps,
-            save_strategy="steps", save_steps=cfg.eval_steps,
-            save_total_limit=2,  # the best and the latest: enough to resume and to restore the best
-            load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-            logging_steps=1, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
-            **training_precision_flags(hardware.precision)),
-    )
+    with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                              cfg.max_seq_length) as batches:
+        trainer = SFTTrainer(
+            model=model,
+            processing_class=tokenizer,
+            train_dataset=conversation_dataset(train_rows),
+            eval_dataset=conversation_dataset(eval_rows[:cfg.max_eval_samples]),
+            callbacks=[recorder, StopAfterStep(run.stop_after_step)],
+            args=SFTConfig(
+                output_dir=str(folder.checkpoints), max_length=cfg.max_seq_length, **batches,
+                per_device_eval_batch_size=cfg.per_device_eval_batch_size, learning_rate=cfg.learning_rate,
+                warmup_steps=cfg.warmup_steps, lr_scheduler_type=cfg.lr_scheduler_type, max_steps=cfg.max_steps,
+                optim=cfg.optim, weight_decay=cfg.weight_decay, eval_strategy="steps", eval_steps=cfg.eval_steps,
+                save_strategy="steps", save_steps=cfg.eval_steps,
+                save_total_limit=2,  # the best and the latest: enough to resume and to restore the best
+                load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+                logging_steps=1, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
+                **training_precision_flags(hardware.precision)),
+        )
     trainer = train_on_responses_only(trainer, instruction_part=user_marker, response_part=reply_marker)
     recorder.count_tokens_of(trainer)
     reset_peak_memory()

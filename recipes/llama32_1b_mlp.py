@@ -18,6 +18,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
+from common.batching import token_budget_batches
 from common.callbacks import MetricsRecorder, StopAfterStep
 from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
 from common.config import parse
@@ -91,36 +92,38 @@ def main(argv=None):
         questions = [question_and_reference(messages) for messages in held_out]
         print(f"data: {data['report']}; train {data['train']:,}, held out {data['eval']:,}")
 
-        # 4. Train with loss on answers only; the held-out questions give a loss before and after training.
-        trainer = SFTTrainer(
-            model=model,
-            processing_class=tokenizer,
-            train_dataset=conversation_dataset(train_rows),
-            eval_dataset=conversation_dataset(held_out),
-            callbacks=[StopAfterStep(run.stop_after_step)],
-            args=SFTConfig(
-                output_dir=str(folder.checkpoints),
-                max_length=cfg.max_seq_length,
-                per_device_train_batch_size=cfg.per_device_train_batch_size,
-                per_device_eval_batch_size=cfg.per_device_train_batch_size,
-                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                learning_rate=cfg.learning_rate,
-                warmup_steps=cfg.warmup_steps,
-                lr_scheduler_type=cfg.lr_scheduler_type,
-                max_steps=cfg.max_steps,
-                optim=cfg.optim,
-                weight_decay=cfg.weight_decay,
-                eval_strategy="no",  # card: no evaluation during the run; the held-out loss is taken before and after
-                save_strategy="steps",
-                save_steps=cfg.save_steps,
-                save_total_limit=1,  # the latest is all --resume needs
-                logging_steps=1,
-                seed=cfg.seed,
-                data_seed=cfg.seed,
-                report_to="none",
-                **training_precision_flags(hardware.precision),
-            ),
-        )
+        # 4. Train with loss on answers only; the held-out questions give a loss before and after training. A step's
+        #    8 rows run as passes of at most 2 x 2048 tokens: short ones share a pass (common/batching.py).
+        with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                  cfg.max_seq_length) as batches:
+            trainer = SFTTrainer(
+                model=model,
+                processing_class=tokenizer,
+                train_dataset=conversation_dataset(train_rows),
+                eval_dataset=conversation_dataset(held_out),
+                callbacks=[StopAfterStep(run.stop_after_step)],
+                args=SFTConfig(
+                    output_dir=str(folder.checkpoints),
+                    max_length=cfg.max_seq_length,
+                    **batches,
+                    per_device_eval_batch_size=cfg.per_device_train_batch_size,
+                    learning_rate=cfg.learning_rate,
+                    warmup_steps=cfg.warmup_steps,
+                    lr_scheduler_type=cfg.lr_scheduler_type,
+                    max_steps=cfg.max_steps,
+                    optim=cfg.optim,
+                    weight_decay=cfg.weight_decay,
+                    eval_strategy="no",  # card: no evaluation during the run; the held-out loss is taken before and after
+                    save_strategy="steps",
+                    save_steps=cfg.save_steps,
+                    save_total_limit=1,  # the latest is all --resume needs
+                    logging_steps=1,
+                    seed=cfg.seed,
+                    data_seed=cfg.seed,
+                    report_to="none",
+                    **training_precision_flags(hardware.precision),
+                ),
+            )
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
         # LoRA's B matrices start at zero, so before training the adapted model answers exactly as the base model.
         loss_before = trainer.evaluate(metric_key_prefix="before")["before_loss"]

@@ -13,6 +13,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
+from common.batching import token_budget_batches
 from common.callbacks import MetricsRecorder, MovingAverageEvalLoss, StopAfterStep
 from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
 from common.config import parse
@@ -92,45 +93,47 @@ def main(argv=None):
         print(f"data: {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
         eval_for_loss = eval_rows[:cfg.max_eval_samples]
 
-        # 4. Train with loss on assistant turns only; checkpoint at every evaluation, keep the best by eval loss.
+        # 4. Train with loss on assistant turns only; checkpoint at every evaluation, keep the best by eval loss. A step's
+        #    16 conversations run as passes of at most 2 x 1024 tokens: short ones share a pass (common/batching.py).
         if run.resume:
             folder.trim_metrics_after(int(Path(folder.last_checkpoint()).name.split("-")[1]))
         recorder = MetricsRecorder(folder.metrics)
         moving_average = MovingAverageEvalLoss(cfg.moving_average_window,
                                                [r["eval_loss"] for r in recorder.records if "eval_loss" in r])
-        trainer = SFTTrainer(
-            model=model,
-            processing_class=tokenizer,
-            train_dataset=conversation_dataset(train_rows),
-            eval_dataset=conversation_dataset(eval_for_loss),
-            callbacks=[moving_average, recorder, StopAfterStep(run.stop_after_step)],
-            args=SFTConfig(
-                output_dir=str(folder.checkpoints),
-                max_length=cfg.max_seq_length,
-                per_device_train_batch_size=cfg.per_device_train_batch_size,
-                per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                learning_rate=cfg.learning_rate,
-                warmup_steps=cfg.warmup_steps,
-                lr_scheduler_type=cfg.lr_scheduler_type,
-                max_steps=cfg.max_steps,
-                optim=cfg.optim,
-                weight_decay=cfg.weight_decay,
-                eval_strategy="steps",
-                eval_steps=cfg.eval_steps,
-                save_strategy="steps",
-                save_steps=cfg.eval_steps,
-                save_total_limit=2,  # the best and the latest: enough to resume and to restore the best
-                load_best_model_at_end=True,
-                metric_for_best_model="eval_loss",
-                greater_is_better=False,
-                logging_steps=1,
-                seed=cfg.seed,
-                data_seed=cfg.seed,
-                report_to="none",
-                **training_precision_flags(hardware.precision),
-            ),
-        )
+        with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                  cfg.max_seq_length) as batches:
+            trainer = SFTTrainer(
+                model=model,
+                processing_class=tokenizer,
+                train_dataset=conversation_dataset(train_rows),
+                eval_dataset=conversation_dataset(eval_for_loss),
+                callbacks=[moving_average, recorder, StopAfterStep(run.stop_after_step)],
+                args=SFTConfig(
+                    output_dir=str(folder.checkpoints),
+                    max_length=cfg.max_seq_length,
+                    **batches,
+                    per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+                    learning_rate=cfg.learning_rate,
+                    warmup_steps=cfg.warmup_steps,
+                    lr_scheduler_type=cfg.lr_scheduler_type,
+                    max_steps=cfg.max_steps,
+                    optim=cfg.optim,
+                    weight_decay=cfg.weight_decay,
+                    eval_strategy="steps",
+                    eval_steps=cfg.eval_steps,
+                    save_strategy="steps",
+                    save_steps=cfg.eval_steps,
+                    save_total_limit=2,  # the best and the latest: enough to resume and to restore the best
+                    load_best_model_at_end=True,
+                    metric_for_best_model="eval_loss",
+                    greater_is_better=False,
+                    logging_steps=1,
+                    seed=cfg.seed,
+                    data_seed=cfg.seed,
+                    report_to="none",
+                    **training_precision_flags(hardware.precision),
+                ),
+            )
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
         recorder.count_tokens_of(trainer)
         reset_peak_memory()

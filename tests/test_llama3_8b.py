@@ -103,7 +103,8 @@ def test_best_checkpoint_is_kept_when_eval_loss_rises(run_recipe, tmp_path):
     # evaluations and not others, so the same weights' eval loss moves in the fourth digit and could not be compared.
     model, data = conflicting_answers(tmp_path)
     folder = run_recipe("llama3_8b", "--model-name", model, "--data", data, "--max-samples", "0",
-                        "--max-seq-length", "128", "--gradient-accumulation-steps", "1", "--load-in-4bit", "false",
+                        "--max-seq-length", "128", "--per-device-train-batch-size", "1",
+                        "--gradient-accumulation-steps", "2", "--load-in-4bit", "false",
                         "--learning-rate", "0.05", "--lr-scheduler-type", "constant", "--warmup-steps", "0",
                         "--eval-steps", "2", "--max-steps", "8", "--max-eval-samples", "8", "--sample-prompts", "1",
                         "--max-new-tokens", "4")
@@ -120,6 +121,9 @@ def test_best_checkpoint_is_kept_when_eval_loss_rises(run_recipe, tmp_path):
     assert saved.keys() == kept.keys()
     assert all((saved[k] == kept[k]).all() for k in saved)
     assert f"| {best_step} |" in (folder / "results.md").read_text()
+    # A step's rows (1 x accumulation 2) reach the Trainer as one micro-batch for Unsloth's token budget to split.
+    state = json.loads((folder / "checkpoints" / f"checkpoint-{best_step}" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 2
 
 
 def test_interrupted_run_resumes_to_the_same_losses(smoke_run, tmp_path):
