@@ -6,7 +6,8 @@ other: the recipe itself (`python -m recipes.<name>` on a random-init model of i
 tests/gpu/conftest.py) and bench/plain_sft.py with the same shape, LoRA, batch, accumulation, sequence length, precision
 and optimiser, read from the recipe's own Config. Both sides are timed by common.callbacks.MetricsRecorder and
 summarised by the same arithmetic from its per-step records, warm-up steps left out. Results merge into
-bench/out/results.json; the table is printed and BENCHMARKS.md is regenerated from every result there.
+bench/results.json (kept in git, so a run of some recipes keeps the others' rows); the table is printed and
+BENCHMARKS.md is regenerated from every result there. Models, data, run folders and logs go to bench/out.
 
   python -m bench.benchmark                                        # every recipe, both regimes
   python -m bench.benchmark --recipes llama3_8b,llama31_8b_qlora   # a subset; merges with the results already there
@@ -16,7 +17,6 @@ bench/out/results.json; the table is printed and BENCHMARKS.md is regenerated fr
 """
 import argparse
 import functools
-import gc
 import importlib
 import importlib.util
 import json
@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CHAT_SAMPLE = REPO / "bench" / "data" / "chat_lengths.jsonl"
 NOTES = REPO / "bench" / "notes.md"  # hand-written analysis, copied into BENCHMARKS.md under the generated tables
+RESULTS = REPO / "bench" / "results.json"  # every measured row; BENCHMARKS.md is generated from it
 REGIMES = ("fixed", "chat")
 MARGIN = 8  # a row stays this many tokens under max_seq_length: no recipe drops or truncates it
 NO_EVAL = 1_000_000  # an evaluation / checkpoint cadence past the last step: none during the timed run
@@ -67,11 +68,6 @@ RECIPES = {
     "llama31_8b_qlora": Bench("llama-3.1-8b", "messages", 6,
                               dict(eval_steps=AT_LAST_STEP, max_eval_samples=2, sample_prompts=0, max_new_tokens=1)),
 }
-# Llama-3.1-8B has Llama-3-8B's shape and special tokens in tests/gpu/conftest.py: one 16 GB build serves both.
-BUILD_AS = {"llama-3.1-8b": "llama-3-8b"}
-# The Llama cards load Unsloth's pre-quantized bnb-4bit checkpoints: these builds are saved so once, and both sides then
-# load the same NF4 weights, quicker than quantizing 16 GB at every load. TinyLlama and GPT-2 cards quantize at load.
-PREQUANTIZED = {"llama-3-8b", "llama-3.2-1b"}
 # The issue's targets: raw Unsloth over the plain script on an H100, fixed-length rows: (tokens/s ratio, memory ratio).
 TARGETS = {"llama-3-8b": (1.59, 0.65), "llama-3.1-8b": (1.59, 0.65), "tinyllama-1.1b": (1.41, 0.53),
            "llama-3.2-1b": (1.07, 0.51), "gpt2-medium": (1.66, 0.47)}
@@ -200,55 +196,16 @@ def write_jsonl(path: Path, rows: list[dict]):
 
 # ---- models, settings and the two sides ---------------------------------------------------------------------------
 
-def model_folder(shape: str, smoke: bool, work: Path, precision: str) -> str:
-    """A random-init model of the shape, built once and reused by every recipe of that shape (tiny in --smoke), and
-    for PREQUANTIZED shapes saved in NF4."""
-    import torch
-    shape = BUILD_AS.get(shape, shape)
-    folder, quantized = work / "models" / shape, work / "models" / f"{shape}-bnb-4bit"
-    if (quantized / "BUILT").exists():
-        return str(quantized)
-    if not (folder / "BUILT").exists():
-        started = time.perf_counter()
-        conftest = gpu_conftest()
-        if smoke:
-            from common.smoke import tiny_model
-            shutil.copytree(tiny_model(conftest.FAMILY[shape], [{"text": " ".join(conftest.WORDS)}]), folder)
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            conftest.build_model(shape, folder)
-        (folder / "BUILT").write_text(f"{shape}\n")
-        print(f"built {shape} in {time.perf_counter() - started:.0f} s: {folder}", flush=True)
-    if shape in PREQUANTIZED:
-        started = time.perf_counter()
-        try:
-            save_quantized(folder, quantized, precision)
-        except Exception as error:  # the 16-bit build still serves: both sides then quantize it at load
-            print(f"{shape}: no pre-quantized copy ({type(error).__name__}: {error}); using the 16-bit build")
-        else:
-            shutil.rmtree(folder)
-            print(f"saved {shape} in NF4 in {time.perf_counter() - started:.0f} s: {quantized}", flush=True)
-            folder = quantized
-    gc.collect()  # nothing of a built model may stay on the GPU while the sides run
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return str(folder)
+def model_folder(shape: str, smoke: bool, work: Path) -> str:
+    """A random-init model of the shape (tiny in --smoke) under work/models, built once and reused by every recipe and
+    run of that shape, as tests/gpu/conftest.py prepares it for the GPU tests (pre-quantized for the Llama cards)."""
+    conftest = gpu_conftest()
 
-
-def save_quantized(source: Path, target: Path, precision: str):
-    """The build in NF4 with double quantization, computing in the run's precision (bf16 on an H100), as Unsloth's
-    bnb-4bit checkpoints are saved."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from common.hardware import torch_dtype
-    dtype = torch_dtype(precision)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization, dtype=dtype,
-                                                 device_map={"": 0} if torch.cuda.is_available() else None)
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(source).save_pretrained(target)
-    (target / "BUILT").write_text(f"{source.name} in NF4\n")
+    def tiny(shape: str, folder: Path):
+        from common.smoke import tiny_model
+        shutil.copytree(tiny_model(conftest.FAMILY[shape], [{"text": " ".join(conftest.WORDS)}]), folder,
+                        dirs_exist_ok=True)
+    return conftest.prepared_model(shape, work / "models", build=tiny if smoke else conftest.build_model)
 
 
 def parameter_count(folder: str) -> int:
@@ -371,8 +328,12 @@ def run_recipe_side(name: str, bench: Bench, flags: list[str], model: str, data:
 
 
 def batching_logged(log: str) -> str:
-    """How Unsloth batched the recipe's rows, from what it printed: padding-free, packing, padded (and why); 'not
-    logged' where the recipe turned padding-free off itself (gpt2_medium_qlora) or Unsloth said nothing (CPU)."""
+    """How Unsloth batched the recipe's rows, from what it printed: a refused token budget (common/batching.py),
+    padding-free, packing, padded (and why); 'not logged' where the recipe turned padding-free off itself
+    (gpt2_medium_qlora) or Unsloth said nothing (CPU)."""
+    unsplit = re.search(r"UNSLOTH_TOKEN_BUDGET (?:not splitting|ignored):? ?(.*?)\.?$", log, re.MULTILINE)
+    if unsplit:  # a step's rows then ran as one pass: more memory than the card's batch
+        return f"token budget refused ({unsplit.group(1)})"
     padded = re.search(r"Padded batches \+ per-block compile chosen over padding-free \((.*?)\)\. ", log)
     if padded:
         return f"padded ({padded.group(1)})"
@@ -421,7 +382,7 @@ def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: st
     cfg, _ = parse(module.Config, flags)
     settings = recipe_settings(module, cfg, bench)
     warmup = max(args.warmup_steps, getattr(cfg, "timing_warmup_steps", 0))  # gpt2_medium_qlora knows its compile
-    model = model_folder(bench.shape, args.smoke, work, precision)
+    model = model_folder(bench.shape, args.smoke, work)
     tokenizer = AutoTokenizer.from_pretrained(model)
     if settings["chat_template"]:
         tokenizer = get_chat_template(tokenizer, chat_template=settings["chat_template"])
@@ -570,8 +531,10 @@ def report(results: dict) -> str:
               "## Results", "", *table(runs), "", "## Settings", "", *settings_table(runs), "", "## Runs", ""]
     for session in sessions:
         packages = ", ".join(f"{k} {v}" for k, v in session["packages"].items() if v)
+        done = session.get("recipes_done")
         lines.append(f"- {session['finished_utc']}: `{session['command']}` ({session['wall_s']:.0f} s; "
-                     f"{session['gpu'] or 'CPU'}; commit {session['git_commit']}); {packages}")
+                     f"{session['gpu'] or 'CPU'}; commit {session['git_commit']}"
+                     f"{'; finished ' + ', '.join(done) if done is not None else ''}); {packages}")
     if NOTES.exists() and not smoke:
         lines += ["", "## Notes", "", NOTES.read_text().strip()]
     return "\n".join(lines) + "\n"
@@ -587,7 +550,9 @@ def parse_args(argv=None):
     parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated: fixed, chat")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps a side (default: each recipe's row)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timings")
-    parser.add_argument("--work-dir", default="", help="models, data, run folders, logs, results.json (bench/out)")
+    parser.add_argument("--work-dir", default="", help="models, data, run folders and logs (bench/out)")
+    parser.add_argument("--results", default="", help="the results file to merge into (bench/results.json; "
+                                                      "with --smoke or --work-dir, results.json there)")
     parser.add_argument("--out", default="", help="the markdown report (BENCHMARKS.md in the repository root)")
     parser.add_argument("--side-timeout", type=int, default=300, help="seconds one side may run before it is stopped")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, 3 steps, a temp work dir")
@@ -602,6 +567,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.steps, args.warmup_steps = args.steps or 3, min(args.warmup_steps, 1)
     work = Path(args.work_dir or (tempfile.mkdtemp(prefix="bench-smoke-") if args.smoke else REPO / "bench" / "out"))
+    args.results = Path(args.results or (work / "results.json" if args.smoke or args.work_dir else RESULTS))
     args.work_dir, args.out = work, Path(args.out or (work / "BENCHMARKS.md" if args.smoke else REPO / "BENCHMARKS.md"))
     return args
 
@@ -612,7 +578,7 @@ def main(argv=None):
         write_jsonl(CHAT_SAMPLE, chat_sample())
         print(f"wrote {CHAT_SAMPLE} ({CHAT_SAMPLE.stat().st_size / 1e6:.2f} MB)")
         return
-    results_file = args.work_dir / "results.json"
+    results_file = args.results
     results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": {}, "sessions": []}
     if not args.report_only:
         import torch
@@ -624,6 +590,11 @@ def main(argv=None):
         peak_flops = measured_peak_flops(hardware.precision)
         print(f"{hardware.gpu_name or 'CPU'}: measured peak {peak_flops / 1e12:,.4g} TFLOP/s ({hardware.precision}); "
               f"work dir {args.work_dir}", flush=True)
+        session = {"command": "python -m bench.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+                   "started_utc": started_utc.isoformat(timespec="seconds"), "recipes_done": [],
+                   "gpu": hardware.gpu_name, "git_commit": git_commit(), "packages": package_versions(),
+                   "torch_cuda": torch.version.cuda}
+        results["sessions"].append(session)  # updated after each recipe: a run cut short still names itself
         for name in args.recipes:
             try:
                 results["runs"].update(benchmark_recipe(name, args, hardware.precision, peak_flops,
@@ -635,15 +606,11 @@ def main(argv=None):
                                                              "shape": RECIPES[name].shape, "recipe_side": reason,
                                                              "plain_side": reason} for regime in args.regimes})
             print(f"{time.perf_counter() - started:.0f} s since the start", flush=True)
-            args.work_dir.mkdir(parents=True, exist_ok=True)
+            session.update(recipes_done=session["recipes_done"] + [name], wall_s=time.perf_counter() - started,
+                           finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            results_file.parent.mkdir(parents=True, exist_ok=True)
             results_file.write_text(json.dumps(results, indent=2) + "\n")  # after each recipe: a cut run keeps them
             args.out.write_text(report(results))
-        results["sessions"].append({
-            "command": "python -m bench.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
-            "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "started_utc": started_utc.isoformat(timespec="seconds"), "wall_s": time.perf_counter() - started,
-            "gpu": hardware.gpu_name, "git_commit": git_commit(), "packages": package_versions(),
-            "torch_cuda": torch.version.cuda})
         results_file.write_text(json.dumps(results, indent=2) + "\n")
     report_text = report(results)
     args.out.write_text(report_text)

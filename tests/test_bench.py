@@ -41,6 +41,10 @@ def test_a_failed_side_is_one_row_naming_it_and_batching_is_read_from_unsloth_lo
               "~12 ms of GPU work)). Set UNSLOTH_PADDING_CHOICE=padding_free to override.")
     assert benchmark.batching_logged(chosen) == "padded (host bound (padded micro batch ~12 ms of GPU work))"
     assert benchmark.batching_logged("nothing said") == "not logged"
+    refused = auto + ("Unsloth: UNSLOTH_TOKEN_BUDGET not splitting: the loss is a per-micro-batch mean (no shared "
+                      "num_items_in_batch, or label smoothing).\n")
+    assert benchmark.batching_logged(refused) == ("token budget refused (the loss is a per-micro-batch mean (no shared "
+                                                  "num_items_in_batch, or label smoothing))")
 
 
 def test_timed_metrics_leave_out_warmup_and_weigh_rates_by_time():

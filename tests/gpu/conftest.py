@@ -1,12 +1,20 @@
 """GPU tests build random-init models of the cards' real shapes on the GPU (weights random: right for speed, memory
-and pipeline checks, meaningless for quality) with a tokenizer trained on the spot."""
+and pipeline checks, meaningless for quality) with a tokenizer trained on the spot, and run the recipes in this
+process: importing Unsloth takes about 40 s on the H100, once for the suite instead of once a recipe."""
 import unsloth  # noqa: F401  (before transformers, as in the recipes: the adapter reload then runs the fast path)
+
+import gc
+import importlib
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from common.smoke import train_tokenizer
+from tests.conftest import run_folders
 
 WORDS = ("the a model learns data tweet good bad happy sad neutral positive negative train loss rank adapter "
          "quantize memory fast slow gpu token question answer recipe flag output").split()
@@ -19,6 +27,12 @@ LLAMA_SHAPES = {
 }
 FAMILY = {"llama-3.2-1b": "llama-3.1", "tinyllama-1.1b": "zephyr", "llama-3-8b": "llama-3", "llama-3.1-8b": "llama-3.1",
           "gpt2-medium": "gpt2"}
+# Llama-3.1-8B has Llama-3-8B's shape and special tokens (FAMILY: the same tokenizer): one 16 GB build serves both.
+BUILD_AS = {"llama-3.1-8b": "llama-3-8b"}
+# The Llama cards load Unsloth's pre-quantized bnb-4bit checkpoints: these builds are saved so once, and every load then
+# reads NF4 weights, quicker than quantizing 16 GB each time. TinyLlama's card quantizes at load; GPT-2's study needs
+# the 16-bit base for its baseline side.
+PREQUANTIZED = {"llama-3-8b", "llama-3.2-1b"}
 
 
 def build_model(shape: str, folder) -> str:
@@ -50,13 +64,64 @@ def build_model(shape: str, folder) -> str:
     return str(folder)
 
 
+def prepared_model(shape: str, models: Path, build=build_model) -> str:
+    """models/<shape>: the shape built once (a BUILT file marks a finished build, so a later run reuses it), saved in
+    NF4 instead for PREQUANTIZED shapes; a BUILD_AS shape reuses its twin's build."""
+    shape = BUILD_AS.get(shape, shape)
+    folder, quantized = models / shape, models / f"{shape}-bnb-4bit"
+    if (quantized / "BUILT").exists():
+        return str(quantized)
+    if not (folder / "BUILT").exists():
+        started = time.perf_counter()
+        folder.mkdir(parents=True, exist_ok=True)
+        build(shape, folder)
+        (folder / "BUILT").write_text(f"{shape}\n")
+        print(f"built {shape} in {time.perf_counter() - started:.0f} s: {folder}", flush=True)
+    if shape in PREQUANTIZED:
+        started = time.perf_counter()
+        save_quantized(folder, quantized)
+        shutil.rmtree(folder)
+        print(f"saved {shape} in NF4 in {time.perf_counter() - started:.0f} s: {quantized}", flush=True)
+        folder = quantized
+    release_gpu_memory()
+    return str(folder)
+
+
+def save_quantized(source: Path, target: Path):
+    """The build in NF4 with double quantization and bf16 compute, as Unsloth's bnb-4bit checkpoints are saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization, dtype=torch.bfloat16,
+                                                 device_map={"": 0} if torch.cuda.is_available() else None)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    (target / "BUILT").write_text(f"{source.name} in NF4\n")
+
+
+def release_gpu_memory():
+    """Nothing of a finished model may stay on the GPU for the next one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="session")
 def real_shape_model(tmp_path_factory):
     """real_shape_model('llama-3-8b') -> folder of a random-init model of that shape (built once per session)."""
-    built = {}
+    models = tmp_path_factory.mktemp("models")
+    return lambda shape: prepared_model(shape, models)
 
-    def get(shape: str) -> str:
-        if shape not in built:
-            built[shape] = build_model(shape, tmp_path_factory.mktemp(shape))
-        return built[shape]
-    return get
+
+@pytest.fixture
+def run_recipe(tmp_path):
+    """Run a recipe's main() here, as `python -m recipes.<name>` would, and return the one run folder it wrote."""
+    def run(recipe: str, *args: str, output_dir: Path | None = None) -> Path:
+        output_dir = output_dir or tmp_path / "outputs"
+        before = set(run_folders(output_dir, recipe))
+        importlib.import_module(f"recipes.{recipe}").main([*args, "--output-dir", str(output_dir)])
+        release_gpu_memory()
+        created = [p for p in run_folders(output_dir, recipe) if p not in before]
+        assert len(created) == 1, f"expected one new run folder, found {created}"
+        return created[0]
+    return run
