@@ -53,7 +53,8 @@ def test_llama32_1b_mlp_real_shape_trains_the_card_and_reloads(real_shape_model,
     print(f"\nllama32_1b_mlp on {manifest['gpu']} ({manifest['precision']}): 20 steps of 8 rows, rows of "
           f"{min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):,.0f}); median step "
           f"{manifest['median_step_time_s']:.2f} s, {manifest['tokens_per_s']:,.0f} tokens/s, peak "
-          f"{manifest['peak_gpu_memory_gib']:.2f} GiB ({left_by_earlier_tests:.2f} GiB of it left by earlier tests); held-out loss {manifest['held_out_loss_before']:.3f} -> "
+          f"{manifest['peak_gpu_memory_gib']:.2f} GiB ({left_by_earlier_tests:.2f} GiB of it left by earlier tests); "
+          f"held-out loss {manifest['held_out_loss_before']:.3f} -> "
           f"{manifest['held_out_loss_after']:.3f}; optimizer {manifest['optimizer']}")
     assert manifest["precision"] == "bf16" and "8bit" in manifest["optimizer"]
     assert manifest["data"]["kept"] == len(rows) and manifest["data"]["train"] == len(rows) - Config.held_out_questions
