@@ -51,6 +51,7 @@ class StepWindow:
         self.skip, self.steps = skip, steps
         self.profiler = None
         self.profiled_steps = 0
+        self.closed = False
 
     def on_step_end(self, step: int):
         if step == self.skip and self.profiler is None:
@@ -60,9 +61,15 @@ class StepWindow:
         elif self.profiler is not None and self.profiled_steps < self.steps and step > self.skip:
             self.profiled_steps += 1
             if self.profiled_steps == self.steps:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.profiler.__exit__(None, None, None)
+                self.close()
+
+    def close(self):
+        """Stop recording; a profiler left open crashes the interpreter at exit (torch 2.13, CPU)."""
+        if self.profiler is not None and not self.closed:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            self.closed = True
 
 
 def hook_recorder(window: StepWindow):
@@ -140,6 +147,7 @@ def main(argv=None):
     hook_recorder(window)
     recipe = importlib.import_module(f"recipes.{args.recipe}")
     recipe.main(args.recipe_flags)
+    window.close()
     if window.profiled_steps < args.steps:
         sys.exit(f"error: the run ended after {window.skip + window.profiled_steps} steps; give the recipe "
                  f"--max-steps of at least {args.skip + args.steps}")
