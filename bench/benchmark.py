@@ -564,6 +564,8 @@ def parse_args(argv=None):
     unknown = [r for r in args.recipes if r not in RECIPES] + [r for r in args.regimes if r not in REGIMES]
     if unknown:
         parser.error(f"unknown recipe or regime: {', '.join(unknown)}")
+    if not args.recipes or not args.regimes:
+        parser.error("--recipes and --regimes each need at least one name")
     if args.smoke:
         args.steps, args.warmup_steps = args.steps or 3, min(args.warmup_steps, 1)
     work = Path(args.work_dir or (tempfile.mkdtemp(prefix="bench-smoke-") if args.smoke else REPO / "bench" / "out"))
@@ -611,7 +613,6 @@ def main(argv=None):
             results_file.parent.mkdir(parents=True, exist_ok=True)
             results_file.write_text(json.dumps(results, indent=2) + "\n")  # after each recipe: a cut run keeps them
             args.out.write_text(report(results))
-        results_file.write_text(json.dumps(results, indent=2) + "\n")
     report_text = report(results)
     args.out.write_text(report_text)
     print("\n".join(table(results["runs"])))

@@ -47,9 +47,14 @@ def run_to_completion(recipe: str, *args: str, output_dir: Path, env: dict | Non
     result = run_recipe_process(recipe, *args, output_dir=output_dir, env=env)
     assert result.returncode == 0, f"{recipe} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     print("\n".join(line for line in result.stdout.splitlines()[-40:] if "it/s]" not in line))  # shown with -s
+    return the_new_run_folder(output_dir, recipe, before), result
+
+
+def the_new_run_folder(output_dir: Path, recipe: str, before: set[Path]) -> Path:
+    """The one run folder a recipe wrote since `before` (the folders there when it started); fails the test otherwise."""
     created = [p for p in run_folders(output_dir, recipe) if p not in before]
     assert len(created) == 1, f"expected one new run folder, found {created}"
-    return created[0], result
+    return created[0]
 
 
 @pytest.fixture

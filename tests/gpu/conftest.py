@@ -14,7 +14,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from common.smoke import train_tokenizer
-from tests.conftest import run_folders
+from tests.conftest import run_folders, the_new_run_folder
 
 WORDS = ("the a model learns data tweet good bad happy sad neutral positive negative train loss rank adapter "
          "quantize memory fast slow gpu token question answer recipe flag output").split()
@@ -121,7 +121,5 @@ def run_recipe(tmp_path):
         before = set(run_folders(output_dir, recipe))
         importlib.import_module(f"recipes.{recipe}").main([*args, "--output-dir", str(output_dir)])
         release_gpu_memory()
-        created = [p for p in run_folders(output_dir, recipe) if p not in before]
-        assert len(created) == 1, f"expected one new run folder, found {created}"
-        return created[0]
+        return the_new_run_folder(output_dir, recipe, before)
     return run
