@@ -3,17 +3,21 @@ hand-made cases, the card's prompt format, a fair start for both sides, and one-
 import unsloth  # noqa: F401  (first, as in the recipe: it patches transformers and PEFT on import)
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from common.callbacks import MetricsRecorder
 from common.errors import UserError
+from common.hardware import detect
 from common.model import load_model
 from common.smoke import tiny_model, train_tokenizer
-from recipes.gpt2_medium_qlora import (SAMPLE_DATA, Config, add_lora, alpaca_prompt, alpaca_rows, main, mean_pool,
-                                       mean_pooled_cosine, probe, token_match_rate)
+from recipes.gpt2_medium_qlora import (SAMPLE_DATA, Config, add_lora, alpaca_prompt, alpaca_rows, main, make_trainer,
+                                       mean_pool, mean_pooled_cosine, probe, token_match_rate)
 from tests.conftest import read_jsonl, run_to_completion
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -162,8 +166,26 @@ def test_sample_and_split():
     assert len(alpaca_rows(str(SAMPLE_DATA), 50, 4, 3407)[0]) == 50
 
 
+@pytest.mark.parametrize("pad_to_multiple_of", [64, 1])
+def test_batches_are_padded_to_a_multiple_of_the_configured_length(pad_to_multiple_of, tmp_path):
+    rows = alpaca_rows(str(SAMPLE_DATA), 0, 4, 0)[0]
+    cfg = Config(pad_to_multiple_of=pad_to_multiple_of)
+    model, tokenizer = load_model(tiny_model("gpt2", rows), 256, "fp32", load_in_4bit=False,
+                                  use_gradient_checkpointing=False)
+    dataset = Dataset.from_list([{"prompt": alpaca_prompt(row), "completion": row["output"]} for row in rows[:16]])
+    trainer = make_trainer(add_lora(model, "lora", 2, cfg), tokenizer, dataset, cfg, detect("fp32"),
+                           SimpleNamespace(checkpoints=tmp_path), MetricsRecorder(tmp_path / "metrics.jsonl"))
+    widths = [(batch["input_ids"].shape[1], int(batch["attention_mask"].sum(1).max()))
+              for batch in trainer.get_train_dataloader()]
+    assert len(widths) == 4
+    for padded, longest in widths:
+        assert padded % pad_to_multiple_of == 0 and longest <= padded < longest + pad_to_multiple_of
+    assert any(padded > longest for padded, longest in widths) == (pad_to_multiple_of > 1)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--only", "both"], "--only both: use qlora or lora"),
+    (["--pad-to-multiple-of", "0"], "--pad-to-multiple-of 0: use 1"),
     (["--ranks", "0,4"], "--ranks 0,4: give positive LoRA ranks"),
     (["--stop-after-step", "3"], "not supported by this study"),
 ])
