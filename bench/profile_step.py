@@ -9,7 +9,9 @@ registers. So the window holds whole optimizer steps, their data loading include
   python -m bench.profile_step tinyllama_sentiment --json out.json -- --smoke --max-steps 4
 
 A step whose GPU busy share is low is host-bound: the GPU waits for Python and kernel launches, so it costs about
-the same whatever the number of tokens in it, and fewer, fuller forward passes pay.
+the same whatever the number of tokens in it, and fewer, fuller forward passes pay. Many more attention calls than
+layers x passes mean attention runs once per distinct row length (Unsloth's padding-free fallback where torch has no
+varlen attention and no xformers or flash-attn is installed).
 """
 import argparse
 import importlib
@@ -26,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from common.callbacks import MetricsRecorder
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+SDPA_CALL = "aten::scaled_dot_product_attention"  # one a layer a pass, unless attention runs per row length
 TOP = 8  # rows in each "where the time went" list
 
 
@@ -115,6 +118,7 @@ def breakdown(events, steps: int) -> dict:
         "gpu_busy_share": busy / wall if wall and kernels else None,
         "kernel_launches_per_step": len(kernels) / steps,
         "syncs_per_step": sum(e.name in SYNC_CALLS for e in host) / steps,
+        "sdpa_calls_per_step": sum(e.name == SDPA_CALL for e in host) / steps,
         "device_to_host_copies_per_step": sum("DtoH" in e.name or "Device -> Host" in e.name for e in kernels) / steps,
         "data_loading_s_per_step": total("enumerate(DataLoader)") / 1e6 / steps,
         "optimizer_s_per_step": total("Optimizer.step") / 1e6 / steps,
@@ -132,6 +136,7 @@ def report(recipe: str, figures: dict) -> str:
                 "host-bound: the GPU waits for the host" if share < 0.6 else "GPU-bound"),
              f"  {figures['kernel_launches_per_step']:,.0f} kernel launches, {figures['syncs_per_step']:,.0f} host "
              f"syncs, {figures['device_to_host_copies_per_step']:,.0f} device-to-host copies a step",
+             f"  {figures['sdpa_calls_per_step']:,.0f} scaled_dot_product_attention calls a step",
              f"  data loading {figures['data_loading_s_per_step']:.4f} s, optimizer "
              f"{figures['optimizer_s_per_step']:.4f} s a step",
              "  host ops by self time (s, window total):"]
