@@ -22,7 +22,8 @@ from common.hardware import vram_gib
 
 from common.config import REPO_ROOT
 
-PACKAGES = ("unsloth", "unsloth_zoo", "torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate")
+PACKAGES = ("unsloth", "unsloth_zoo", "torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate",
+            "xformers")  # xformers: which attention kernel padding-free batches get (None: torch's own)
 
 
 class RunFolder:
