@@ -75,11 +75,8 @@ def conflicting_answers(folder):
     """A tiny model and 40 conversations whose held-out answers contradict the training answers: training rows answer
     'alpha ...', the rows the recipe's seeded 80/20 split holds out answer 'omega ...'. Learning the training answers
     first lowers the eval loss (the shared template) and then raises it, so the best evaluation is not the last."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from common.data import split_train_eval
-    from common.smoke import texts_in, train_tokenizer
+    from common.smoke import tiny_model
     from recipes.llama3_8b import Config
     _, held_out = split_train_eval(list(range(40)), Config.eval_fraction, Config.seed)
     rows = [{"messages": [{"role": "user", "content": f"which word comes next {i}"},
@@ -87,15 +84,7 @@ def conflicting_answers(folder):
             for i in range(40)]
     data = folder / "conflicting.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tokenizer = train_tokenizer(list(texts_in(rows)), "llama-3")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    return str(folder / "model"), str(data)
+    return tiny_model("llama-3", rows), str(data)
 
 
 def test_best_checkpoint_is_kept_when_eval_loss_rises(run_recipe, tmp_path):
