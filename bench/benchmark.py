@@ -1,13 +1,14 @@
-"""Each recipe against a plain transformers + PEFT + bitsandbytes script on one GPU: tokens/s, step time, memory, MFU.
+"""Each recipe against raw Unsloth and a plain transformers + PEFT + bitsandbytes script on one GPU: tokens/s, step
+time, memory, MFU.
 
 For each recipe in RECIPES and each data regime (fixed: every row just under max_seq_length tokens; chat: the bundled
 bench/data/chat_lengths.jsonl, a realistic spread of lengths), separate processes train on the same GPU one after the
 other: the recipe itself (`python -m recipes.<name>` on a random-init model of its card's shape, built by
-tests/gpu/conftest.py) and bench/plain_sft.py with the same shape, LoRA, batch, accumulation, sequence length, precision
-and optimiser, read from the recipe's own Config. Both sides are timed by common.callbacks.MetricsRecorder and
-summarised by the same arithmetic from its per-step records, warm-up steps left out. Results merge into
-bench/results.json (kept in git, so a run of some recipes keeps the others' rows); the table is printed and
-BENCHMARKS.md is regenerated from every result there. Models, data, run folders and logs go to bench/out.
+tests/gpu/conftest.py), bench/plain_sft.py and bench/unsloth_sft.py (raw Unsloth) with the same shape, LoRA, batch,
+accumulation, sequence length, precision and optimiser, read from the recipe's own Config. Every side is timed by
+common.callbacks.MetricsRecorder and summarised by the same arithmetic, warm-up steps left out. Results merge into
+bench/results.json (kept in git, so a run of some recipes keeps the others' rows); BENCHMARKS.md is regenerated from
+every result there. Models, data, run folders and logs go to bench/out.
 
   python -m bench.benchmark                                        # every recipe, both regimes
   python -m bench.benchmark --recipes llama3_8b,llama31_8b_qlora   # a subset; merges with the results already there
@@ -72,6 +73,7 @@ RECIPES = {
 TARGETS = {"llama-3-8b": (1.59, 0.65), "llama-3.1-8b": (1.59, 0.65), "tinyllama-1.1b": (1.41, 0.53),
            "llama-3.2-1b": (1.07, 0.51), "gpt2-medium": (1.66, 0.47)}
 CHAT_SPEEDUP = 2.0  # the issue: on variable-length chat rows, at least 2x the padded plain script's tokens/s
+NO_OVERHEAD = 0.95  # a recipe at this share of raw Unsloth's tokens/s or more adds nothing beyond run-to-run noise
 SMOKE_FLAGS = dict(max_seq_length=256, per_device_train_batch_size=2, gradient_accumulation_steps=1)  # CPU-sized
 
 # The chat sample: log-normal lengths around a few hundred tokens with a long tail, as in real chat exports.
@@ -342,13 +344,17 @@ def batching_logged(log: str) -> str:
     return "packing" if "Packing enabled" in log else "not logged"
 
 
-def run_plain_side(name: str, settings: dict, model: str, data: dict, steps: int, warmup: int, work: Path,
-                   precision: str, timeout: int) -> dict:
-    """Both regimes in one plain process (one model load); each gets a fresh adapter, optimiser and peak reading."""
-    out = work / "plain" / name
-    log = work / "logs" / f"{name}-plain.log"
+REFERENCE_SCRIPTS = {"plain": "bench.plain_sft", "raw": "bench.unsloth_sft"}  # the sides run from the same settings
+
+
+def run_reference_side(side: str, name: str, settings: dict, model: str, data: dict, steps: int, warmup: int,
+                       work: Path, precision: str, timeout: int) -> dict:
+    """The plain script or raw Unsloth (`side`: a REFERENCE_SCRIPTS key), both regimes in one process (one import);
+    each regime gets a fresh adapter, optimiser and peak reading."""
+    out = work / side / name
+    log = work / "logs" / f"{name}-{side}.log"
     switch = {True: "--", False: "--no-"}
-    command = [sys.executable, "-m", "bench.plain_sft", "--model-name", model, "--output-dir", str(out),
+    command = [sys.executable, "-m", REFERENCE_SCRIPTS[side], "--model-name", model, "--output-dir", str(out),
                "--data", *[entry["plain_file"] for entry in data.values()], "--max-steps", str(steps),
                "--precision", precision, "--target-modules", ",".join(settings["target_modules"]),
                switch[settings["gradient_checkpointing"]] + "gradient-checkpointing",
@@ -365,8 +371,11 @@ def run_plain_side(name: str, settings: dict, model: str, data: dict, steps: int
             continue
         result = json.loads((folder / "result.json").read_text())
         sides[regime] = {**timed_metrics(read_jsonl(folder / "metrics.jsonl"), warmup), "wall_s": wall,
-                         "log": str(log), "optimizer": result["optimizer"],
-                         "padding_fraction": result["padding_fraction"]}
+                         "log": str(log), "optimizer": result["optimizer"]}
+        if side == "plain":
+            sides[regime]["padding_fraction"] = result["padding_fraction"]
+        else:  # Unsloth prints its batching choice
+            sides[regime]["batching"] = batching_logged(log.read_text(errors="replace"))
     return sides
 
 
@@ -394,16 +403,18 @@ def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: st
         recipe_sides[regime] = run_recipe_side(name, bench, flags, model, data[regime]["recipe_file"], steps, warmup,
                                                work, regime, args.side_timeout)
         print(f"{name} {regime} recipe: {side_line(recipe_sides[regime])}", flush=True)
-    plain_sides = run_plain_side(name, settings, model, data, steps, warmup, work, precision, args.side_timeout)
+    reference = {side: run_reference_side(side, name, settings, model, data, steps, warmup, work, precision,
+                                          args.side_timeout) for side in REFERENCE_SCRIPTS}
     parameters = parameter_count(model)
     results = {}
     for regime in args.regimes:
-        print(f"{name} {regime} plain: {side_line(plain_sides[regime])}", flush=True)
+        for side in REFERENCE_SCRIPTS:
+            print(f"{name} {regime} {side}: {side_line(reference[side][regime])}", flush=True)
         results[f"{name}/{regime}"] = {
             "recipe": name, "regime": regime, "shape": bench.shape, "parameters": parameters, "gpu": gpu,
             "peak_flops": peak_flops, "precision": precision, "steps": steps, "warmup_steps": warmup,
             "settings": settings, "data": data[regime], "recipe_side": recipe_sides[regime],
-            "plain_side": plain_sides[regime], "smoke": args.smoke,
+            "plain_side": reference["plain"][regime], "raw_side": reference["raw"][regime], "smoke": args.smoke,
             "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return results
 
@@ -479,6 +490,34 @@ def table(runs: dict) -> list[str]:
     return lines
 
 
+def raw_table(runs: dict) -> list[str]:
+    """Each recipe against raw Unsloth (bench/unsloth_sft.py) on the same rows and settings: what the repository adds
+    or costs over Unsloth, and raw Unsloth's own ratio to the plain script on this machine next to the issue's."""
+    lines = ["| recipe | data | tokens/s recipe / raw Unsloth / plain | recipe / raw | raw / plain | target "
+             "| median step s recipe / raw | peak GiB recipe / raw | raw batches | no overhead |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|:---:|"]
+    for run in ordered(runs):
+        ours, raw, plain = run["recipe_side"], run.get("raw_side"), run["plain_side"]
+        if raw is None:
+            continue  # measured before raw Unsloth was a side
+        failed = next((f"{side} side failed: {values['error']}" for side, values in
+                       (("recipe", ours), ("raw", raw), ("plain", plain)) if "error" in values), None)
+        if failed:
+            lines.append(f"| {run['recipe']} | {run['regime']} | {failed.replace('|', '/')} |" + " |" * 6 + " error |")
+            continue
+        over_raw = ratio(ours["tokens_per_s"], raw["tokens_per_s"])
+        verdict_text = "n/a" if over_raw is None else "pass" if over_raw >= NO_OVERHEAD else "FAIL"
+        lines.append(
+            f"| {run['recipe']} | {run['regime']} | {fmt(ours['tokens_per_s'], ',.0f')} / "
+            f"{fmt(raw['tokens_per_s'], ',.0f')} / {fmt(plain['tokens_per_s'], ',.0f')} | "
+            f"{fmt(over_raw, '.2f', 'x')} | {fmt(ratio(raw['tokens_per_s'], plain['tokens_per_s']), '.2f', 'x')} | "
+            f"{target_text(run['regime'], run['shape'])[0]} | "
+            f"{fmt(ours['median_step_time_s'], '.3f')} / {fmt(raw['median_step_time_s'], '.3f')} | "
+            f"{fmt(ours['peak_gpu_memory_gib'], '.2f')} / {fmt(raw['peak_gpu_memory_gib'], '.2f')} | "
+            f"{raw.get('batching', '-')} | {verdict_text} |")
+    return lines
+
+
 def billions(parameters: int) -> str:
     return f"{parameters / 1e9:.2f} B" if parameters >= 1e8 else f"{parameters:,}"
 
@@ -511,10 +550,11 @@ def report(results: dict) -> str:
     if smoke:
         lines += ["**Smoke run on CPU with tiny models: these numbers only show the harness works.**", ""]
     lines += [f"- GPU: {'; '.join(gpus)}",
-              "- each recipe ran through its own code path (`python -m recipes.<name>`) and `bench/plain_sft.py` "
+              "- each recipe ran through its own code path (`python -m recipes.<name>`), `bench/plain_sft.py` "
               "(transformers Trainer + PEFT LoRA + bitsandbytes NF4 with double quantization, the recipe's optimiser, "
-              "batches padded to their longest row) as separate processes on the same GPU, on a random-init model of "
-              "the card's shape with the recipe's sequence length, batch, accumulation, LoRA, precision and optimiser",
+              "batches padded to their longest row) and, in newer runs, `bench/unsloth_sft.py` (raw Unsloth) as "
+              "separate processes on the same GPU, on a random-init model of the card's shape with the recipe's "
+              "sequence length, batch, accumulation, LoRA, precision and optimiser",
               "- tokens/s counts non-padding tokens as the collator builds each batch "
               "(common.callbacks.MetricsRecorder on both sides), over the steps after warm-up; median step time over "
               "the same steps; peak GPU memory is torch.cuda.max_memory_allocated during training; "
@@ -528,7 +568,14 @@ def report(results: dict) -> str:
               f"{TARGETS['tinyllama-1.1b'][1]}x, Llama-3.2-1B {TARGETS['llama-3.2-1b'][0]}x / "
               f"{TARGETS['llama-3.2-1b'][1]}x, GPT-2 M {TARGETS['gpt2-medium'][0]}x / {TARGETS['gpt2-medium'][1]}x; "
               f"chat rows at least {CHAT_SPEEDUP:.0f}x the plain script's tokens/s", "",
-              "## Results", "", *table(runs), "", "## Settings", "", *settings_table(runs), "", "## Runs", ""]
+              "## Results", "", *table(runs), "",
+              "## Recipes against raw Unsloth", "",
+              "The same rows and settings through `bench/unsloth_sft.py`, the script of Unsloth's notebooks "
+              "(FastLanguageModel, get_peft_model, TRL's SFTTrainer with Unsloth's defaults) with none of this "
+              "repository's code in its training path, run in the same session. `no overhead` passes at "
+              f"{NO_OVERHEAD:.2f}x raw Unsloth's tokens/s or more; `raw / plain` is the ratio the issue's targets "
+              "state for raw Unsloth, measured on this machine.", "", *raw_table(runs), "",
+              "## Settings", "", *settings_table(runs), "", "## Runs", ""]
     for session in sessions:
         packages = ", ".join(f"{k} {v}" for k, v in session["packages"].items() if v)
         done = session.get("recipes_done")
@@ -545,7 +592,7 @@ def report(results: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[10:]))
+                                     epilog="\n".join(__doc__.splitlines()[12:]))
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES))
     parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated: fixed, chat")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps a side (default: each recipe's row)")
@@ -615,7 +662,7 @@ def main(argv=None):
             args.out.write_text(report(results))
     report_text = report(results)
     args.out.write_text(report_text)
-    print("\n".join(table(results["runs"])))
+    print("\n".join(table(results["runs"]) + [""] + raw_table(results["runs"])))
     print(f"\nwrote {args.out}" + ("" if args.report_only else f" and {results_file}"))
 
 

@@ -25,8 +25,9 @@ from common.hardware import reset_peak_memory, torch_dtype, training_precision_f
 from common.outputs import optimizer_that_ran
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, description: str = __doc__.splitlines()[0]):
+    """The settings both reference scripts take (bench/unsloth_sft.py reads the same ones)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-name", required=True)
     parser.add_argument("--data", nargs="+", required=True)
     parser.add_argument("--output-dir", required=True)
