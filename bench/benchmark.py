@@ -57,16 +57,16 @@ class Bench:
 
 # One row a recipe. Sequence length, batch, accumulation, LoRA and optimiser are read from the recipe's Config.
 RECIPES = {
-    "llama3_8b": Bench("llama-3-8b", "messages", 6,
+    "llama3_8b": Bench("llama-3-8b", "messages", 8,
                        dict(eval_steps=NO_EVAL, max_eval_samples=2, sample_prompts=0)),
-    "llama32_1b_mlp": Bench("llama-3.2-1b", "messages", 8,
+    "llama32_1b_mlp": Bench("llama-3.2-1b", "messages", 14,
                             dict(save_steps=NO_EVAL, held_out_questions=1, max_new_tokens=1)),
-    "tinyllama_sentiment": Bench("tinyllama-1.1b", "text_label", 8, dict(eval_steps=NO_EVAL, max_eval_samples=2,
+    "tinyllama_sentiment": Bench("tinyllama-1.1b", "text_label", 14, dict(eval_steps=NO_EVAL, max_eval_samples=2,
                                                                         max_test_samples=0, generation_samples=0)),
     "gpt2_medium_qlora": Bench("gpt2-medium", "alpaca", 15,
                                dict(ranks=8, only="qlora", eval_prompts=2, max_new_tokens=1, max_samples=0),
                                metrics="metrics/qlora-r8.jsonl", gradient_checkpointing=False),
-    "llama31_8b_qlora": Bench("llama-3.1-8b", "messages", 6,
+    "llama31_8b_qlora": Bench("llama-3.1-8b", "messages", 8,
                               dict(eval_steps=AT_LAST_STEP, max_eval_samples=2, sample_prompts=0, max_new_tokens=1)),
 }
 # The issue's targets: raw Unsloth over the plain script on an H100, fixed-length rows: (tokens/s ratio, memory ratio).
@@ -301,7 +301,8 @@ def timed_metrics(records: list[dict], warmup: int) -> dict:
     peaks = [r["peak_gpu_memory_gib"] for r in records if r.get("peak_gpu_memory_gib") is not None]
     return {"median_step_time_s": statistics.median(r["step_time_s"] for r in timed) if timed else None,
             "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in rated) / seconds if seconds else None,
-            "peak_gpu_memory_gib": max(peaks) if peaks else None, "timed_steps": len(timed)}
+            "peak_gpu_memory_gib": max(peaks) if peaks else None, "timed_steps": len(timed),
+            "step_times_s": [round(r["step_time_s"], 4) for r in timed]}  # kept: a median hides a slow step
 
 
 def run_recipe_side(name: str, bench: Bench, flags: list[str], model: str, data: str, steps: int, warmup: int,
@@ -352,6 +353,7 @@ def run_reference_side(side: str, name: str, settings: dict, model: str, data: d
     """The plain script or raw Unsloth (`side`: a REFERENCE_SCRIPTS key), both regimes in one process (one import);
     each regime gets a fresh adapter, optimiser and peak reading."""
     out = work / side / name
+    shutil.rmtree(out, ignore_errors=True)  # MetricsRecorder appends: an earlier run's steps would join the timings
     log = work / "logs" / f"{name}-{side}.log"
     switch = {True: "--", False: "--no-"}
     command = [sys.executable, "-m", REFERENCE_SCRIPTS[side], "--model-name", model, "--output-dir", str(out),

@@ -1,15 +1,18 @@
 """The benchmark harness: its arithmetic by hand, the bundled chat sample, fixed-length rows, and a --smoke run of the
-whole harness on CPU (one recipe, both regimes, both sides as separate processes)."""
+whole harness on CPU (one recipe, both regimes, every side as a separate process)."""
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from bench import benchmark
+from common.callbacks import MetricsRecorder
 from tests.conftest import REPO
 
 
@@ -73,6 +76,35 @@ def test_raw_unsloth_table_scores_overhead_and_skips_rows_measured_without_it():
     assert gpt2[3] == "0.90x" and gpt2[-1] == "FAIL"  # 10% slower than raw Unsloth
 
 
+def test_a_reference_side_run_again_in_the_same_work_dir_times_only_its_own_steps(tmp_path, monkeypatch):
+    """MetricsRecorder appends to metrics.jsonl; a second benchmark run in the same work dir (a warm GPU machine) must
+    not time the first run's steps as well."""
+    def fake_run(command, log, timeout):  # what bench/plain_sft.py or bench/unsloth_sft.py leaves: 4 steps a file
+        out = Path(command[command.index("--output-dir") + 1])
+        for data in command[command.index("--data") + 1:command.index("--max-steps")]:
+            folder = out / Path(data).stem
+            folder.mkdir(parents=True, exist_ok=True)
+            recorder = MetricsRecorder(folder / "metrics.jsonl")
+            for step in range(1, 5):
+                recorder.step_times.append(0.5)
+                recorder.on_log(None, SimpleNamespace(global_step=step), None, logs={"loss": 1.0})
+            (folder / "result.json").write_text(json.dumps({"optimizer": "adamw", "padding_fraction": 0.0}))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("Unsloth: Padding-free auto-enabled\n")
+        return 0, 1.0
+
+    monkeypatch.setattr(benchmark, "run_logged", fake_run)
+    settings = dict(max_seq_length=64, per_device_train_batch_size=1, gradient_accumulation_steps=1, lora_r=8,
+                    lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj"], optim="adamw_torch",
+                    learning_rate=2e-4, load_in_4bit=True, gradient_checkpointing=True)
+    data = {"fixed": {"plain_file": str(tmp_path / "r-fixed-plain.jsonl")}}
+    for _ in range(2):
+        for side in benchmark.REFERENCE_SCRIPTS:
+            measured = benchmark.run_reference_side(side, "r", settings, "model", data, 4, 1, tmp_path, "bf16", 60)
+            assert measured["fixed"]["timed_steps"] == 3 and measured["fixed"]["step_times_s"] == [0.5] * 3
+    assert measured["fixed"]["batching"] == "padding-free"  # raw Unsloth's choice, read from its log
+
+
 def test_timed_metrics_leave_out_warmup_and_weigh_rates_by_time():
     records = [{"step": 1, "loss": 9.0, "step_time_s": 30.0, "tokens_per_s": 10.0, "peak_gpu_memory_gib": 5.0},
                {"step": 2, "loss": 8.0, "step_time_s": 1.0, "tokens_per_s": 100.0, "peak_gpu_memory_gib": 6.0},
@@ -82,6 +114,7 @@ def test_timed_metrics_leave_out_warmup_and_weigh_rates_by_time():
     assert timed["tokens_per_s"] == pytest.approx((100 * 1 + 200 * 3) / 4)  # 700 tokens in 4 s
     assert timed["median_step_time_s"] == pytest.approx(2.0)
     assert timed["peak_gpu_memory_gib"] == 6.5 and timed["timed_steps"] == 2
+    assert timed["step_times_s"] == [1.0, 3.0]
 
 
 def test_bundled_chat_sample_is_the_generator_output_with_a_long_tail():
