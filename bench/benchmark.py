@@ -365,6 +365,7 @@ def run_reference_side(side: str, name: str, settings: dict, model: str, data: d
                 "lora_dropout", "optim", "learning_rate"):
         command += ["--" + key.replace("_", "-"), str(settings[key])]
     code, wall = run_logged(command, log, timeout)
+    batching = batching_logged(log.read_text(errors="replace")) if side == "raw" and code == 0 else None
     sides = {}
     for regime, entry in data.items():
         folder = out / Path(entry["plain_file"]).stem
@@ -377,7 +378,7 @@ def run_reference_side(side: str, name: str, settings: dict, model: str, data: d
         if side == "plain":
             sides[regime]["padding_fraction"] = result["padding_fraction"]
         else:  # Unsloth prints its batching choice
-            sides[regime]["batching"] = batching_logged(log.read_text(errors="replace"))
+            sides[regime]["batching"] = batching
     return sides
 
 
@@ -465,17 +466,24 @@ def ordered(runs: dict) -> list[dict]:
     return sorted(runs.values(), key=lambda r: order.get((r["recipe"], r["regime"]), len(order)))
 
 
+def failure_row(run: dict, sides: dict, columns: int) -> str | None:
+    """A table row naming the first side that failed and why, its other cells empty; None when every side ran."""
+    side, error = next(((side, values["error"]) for side, values in sides.items() if "error" in values), (None, None))
+    if side is None:
+        return None
+    return (f"| {run['recipe']} | {run['regime']} | {side} side failed: {error.replace('|', '/')} |"
+            + " |" * (columns - 4) + " error |")
+
+
 def table(runs: dict) -> list[str]:
     lines = ["| recipe | data | tokens/s recipe / plain | x tokens/s | target | median step s recipe / plain "
              "| peak GiB recipe / plain | x memory | target | MFU recipe / plain | plain padding | result |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for run in ordered(runs):
         ours, plain = run["recipe_side"], run["plain_side"]
-        if "error" in ours or "error" in plain:
-            failed = "recipe" if "error" in ours else "plain"
-            reason = (ours.get("error") or plain.get("error")).replace("|", "/")
-            lines.append(f"| {run['recipe']} | {run['regime']} | {failed} side failed: {reason} |" + " |" * 8
-                         + " error |")
+        failed = failure_row(run, {"recipe": ours, "plain": plain}, columns=12)
+        if failed:
+            lines.append(failed)
             continue
         speed = ratio(ours["tokens_per_s"], plain["tokens_per_s"])
         memory = ratio(ours["peak_gpu_memory_gib"], plain["peak_gpu_memory_gib"])
@@ -502,10 +510,9 @@ def raw_table(runs: dict) -> list[str]:
         ours, raw, plain = run["recipe_side"], run.get("raw_side"), run["plain_side"]
         if raw is None:
             continue  # measured before raw Unsloth was a side
-        failed = next((f"{side} side failed: {values['error']}" for side, values in
-                       (("recipe", ours), ("raw", raw), ("plain", plain)) if "error" in values), None)
+        failed = failure_row(run, {"recipe": ours, "raw": raw, "plain": plain}, columns=10)
         if failed:
-            lines.append(f"| {run['recipe']} | {run['regime']} | {failed.replace('|', '/')} |" + " |" * 6 + " error |")
+            lines.append(failed)
             continue
         over_raw = ratio(ours["tokens_per_s"], raw["tokens_per_s"])
         verdict_text = "n/a" if over_raw is None else "pass" if over_raw >= NO_OVERHEAD else "FAIL"
