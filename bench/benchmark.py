@@ -662,7 +662,8 @@ def main(argv=None):
                 print(f"{name}: FAILED {reason['error']}", flush=True)
                 results["runs"].update({f"{name}/{regime}": {"recipe": name, "regime": regime,
                                                              "shape": RECIPES[name].shape, "recipe_side": reason,
-                                                             "plain_side": reason} for regime in args.regimes})
+                                                             "plain_side": reason, "raw_side": reason}
+                                        for regime in args.regimes})
             print(f"{time.perf_counter() - started:.0f} s since the start", flush=True)
             session.update(recipes_done=session["recipes_done"] + [name], wall_s=time.perf_counter() - started,
                            finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))

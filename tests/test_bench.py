@@ -105,6 +105,20 @@ def test_a_reference_side_run_again_in_the_same_work_dir_times_only_its_own_step
     assert measured["fixed"]["batching"] == "padding-free"  # raw Unsloth's choice, read from its log
 
 
+def test_a_recipe_that_raises_is_an_error_row_in_both_tables(tmp_path, monkeypatch):
+    def renamed_field(name, *args):
+        raise AttributeError("'Config' object has no attribute 'lora_r'")
+    monkeypatch.setattr(benchmark, "benchmark_recipe", renamed_field)
+    benchmark.main(["--smoke", "--recipes", "llama3_8b", "--regimes", "fixed", "--work-dir", str(tmp_path),
+                    "--out", str(tmp_path / "BENCH.md")])
+    markdown = (tmp_path / "BENCH.md").read_text()
+    plain_table, raw_table = markdown.split("## Recipes against raw Unsloth")
+    for section in (plain_table, raw_table):
+        row = next(line for line in section.splitlines() if line.startswith("| llama3_8b | fixed | "))
+        assert "recipe side failed: AttributeError: 'Config' object has no attribute 'lora_r'" in row
+        assert row.endswith("| error |")
+
+
 def test_timed_metrics_leave_out_warmup_and_weigh_rates_by_time():
     records = [{"step": 1, "loss": 9.0, "step_time_s": 30.0, "tokens_per_s": 10.0, "peak_gpu_memory_gib": 5.0},
                {"step": 2, "loss": 8.0, "step_time_s": 1.0, "tokens_per_s": 100.0, "peak_gpu_memory_gib": 6.0},
