@@ -1,8 +1,9 @@
-"""gpt2_medium_qlora on an H100: a random-init model of GPT-2 Medium's exact shape, the card's smallest and largest
-ranks (2 and 16), both sides, 20 steps each (the card's 200 scaled down, inside the first epoch of the sample's 94 rows,
-so no short last batch makes Unsloth compile GPT-2's blocks again); results.md filled from the measured numbers,
-adapters of both sides reloaded. Random weights: right for memory, speed and the pipeline, meaningless for the quality
-columns."""
+"""gpt2_medium_qlora on an H100: a random-init model of GPT-2 Medium's exact shape, the card's largest rank (16), both
+sides, 20 steps each (the card's 200 scaled down, inside the first epoch of the sample's 94 rows, so no short last batch
+makes Unsloth compile GPT-2's blocks again); results.md filled from the measured numbers, adapters of both sides
+reloaded. One rank keeps the test at about half of the two-rank run's three minutes (most of a run is Unsloth compiling
+GPT-2's blocks for its fresh model); the CPU tests cover the study across ranks. Random weights: right for memory,
+speed and the pipeline, meaningless for the quality columns."""
 import json
 from pathlib import Path
 
@@ -16,8 +17,8 @@ PROMPT = "### Instruction:\nName a color.\n\n### Response:\n"
 @pytest.mark.gpu
 def test_gpt2_medium_qlora_study_real_shape(real_shape_model, run_recipe):
     base = real_shape_model("gpt2-medium")
-    folder = run_recipe("gpt2_medium_qlora", "--model-name", base, "--data", str(SAMPLE), "--ranks", "2,16", "--max-steps", "20",
-                        "--eval-prompts", "8", "--max-new-tokens", "16")
+    folder = run_recipe("gpt2_medium_qlora", "--model-name", base, "--data", str(SAMPLE), "--ranks", "16",
+                        "--max-steps", "20", "--eval-prompts", "8", "--max-new-tokens", "16")
     manifest = json.loads((folder / "manifest.json").read_text())
     study = json.loads((folder / "study.json").read_text())
     results = (folder / "results.md").read_text()
@@ -30,7 +31,7 @@ def test_gpt2_medium_qlora_study_real_shape(real_shape_model, run_recipe):
 
     assert manifest["precision"] == "bf16"
     runs = study["runs"]
-    assert [(r["side"], r["rank"]) for r in runs] == [(side, rank) for rank in (2, 16) for side in ("qlora", "lora")]
+    assert [(r["side"], r["rank"]) for r in runs] == [("qlora", 16), ("lora", 16)]
     assert all(r["steps"] == 20 for r in runs)
     for qlora, lora in zip(runs[::2], runs[1::2]):
         assert qlora["trainable_parameters"] == lora["trainable_parameters"] == 24 * qlora["rank"] * (1024 + 3072)
