@@ -34,7 +34,8 @@ class MetricsRecorder(TrainerCallback):
         # A resumed run continues the records kept from before its checkpoint.
         self.records = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
         self.step_times: list[float] = []
-        self._step_started = self._last_log_time = None
+        self._step_started = self._last_log_time = self._train_started = None
+        self.train_seconds = None
         self.tokens_seen = self._last_tokens = 0
         self.tokens_per_s: list[float] = []
 
@@ -52,7 +53,10 @@ class MetricsRecorder(TrainerCallback):
         trainer.data_collator = counting_collate
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last_log_time = time.perf_counter()
+        self._last_log_time = self._train_started = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.train_seconds = time.perf_counter() - self._train_started
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
@@ -80,9 +84,12 @@ class MetricsRecorder(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
     def summary(self) -> dict:
-        """Median step time after the first (warm-up) step, mean tokens/s and peak memory, for results and benchmarks."""
+        """Median step time after the first (warm-up) step, mean tokens/s and peak memory, for results and benchmarks;
+        the training time and tokens of this session (a resumed run counts from its checkpoint)."""
         timed = self.step_times[1:] or self.step_times
         return {
+            "train_seconds": self.train_seconds,
+            "tokens_trained": self.tokens_seen,
             "median_step_time_s": statistics.median(timed) if timed else None,
             "tokens_per_s": statistics.mean(self.tokens_per_s[1:] or self.tokens_per_s) if self.tokens_per_s else None,
             "peak_gpu_memory_gib": peak_memory_gib(),

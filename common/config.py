@@ -28,6 +28,7 @@ class RunOptions:
     output_dir: str = str(REPO_ROOT / "outputs")  # runs land in <output_dir>/<recipe>/<UTC timestamp>/
     precision: str = os.environ.get("FT_PRECISION", "auto")  # auto|bf16|fp16|fp32; run.sh passes its detection
     stop_after_step: int = 0  # end this session after step N with a checkpoint, to --resume later (Colab limits)
+    report_to: str = "none"  # none|tensorboard|wandb|trackio, comma-separated: TRL's loggers (TensorBoard: <run>/tensorboard)
 
 
 def field_reasons(cls) -> dict[str, str]:

@@ -5,6 +5,7 @@ manifest.json    versions, GPU, precision, seed, data source and SHA-256, git co
 metrics.jsonl    one line per log: loss, eval loss, learning rate, step time, tokens/s, peak memory
 checkpoints/     trainer checkpoints, for --resume
 adapter/         the trained LoRA adapter and tokenizer (written last, atomically)
+loss.png         train and eval loss against step, shown in results.md
 results.md       the human summary; present only when the run completed
 """
 import dataclasses
@@ -32,6 +33,7 @@ class RunFolder:
         self.checkpoints = path / "checkpoints"
         self.metrics = path / "metrics.jsonl"
         self.adapter = path / "adapter"
+        self.smoke_base = path / "smoke-base"  # --smoke only: the tiny base model the adapter was trained on
 
     @classmethod
     def create(cls, recipe: str, root: str = "outputs") -> "RunFolder":
@@ -82,9 +84,13 @@ class RunFolder:
         tokenizer.save_pretrained(staging)
         staging.rename(self.adapter)
 
-    def write_results(self, markdown: str):
-        """The last file a run writes: its presence means the run completed."""
-        (self.path / "results.md").write_text(markdown.rstrip() + "\n")
+    def write_results(self, markdown: str, loss_curves: dict[str, list[dict]]):
+        """The last file a run writes: its presence means the run completed. loss.png is drawn from `loss_curves`
+        (label -> metrics records) and shown under the title."""
+        from common.report import plot_losses
+        plot_losses(loss_curves, self.path / "loss.png")
+        title, _, body = markdown.partition("\n")
+        (self.path / "results.md").write_text(f"{title}\n\n![train and eval loss against step](loss.png)\n{body.rstrip()}\n")
 
     def mark_stopped(self, step: int, recipe: str):
         (self.path / "STOPPED").write_text(

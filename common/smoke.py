@@ -1,8 +1,12 @@
 """--smoke: a tiny random-init model of the card's architecture and a tokenizer trained on the spot from the sample
-data, saved to a temporary folder that FastLanguageModel.from_pretrained loads like any checkpoint. No hub access."""
+data, saved to a folder that FastLanguageModel.from_pretrained loads like any checkpoint. No hub access.
+
+A recipe saves it inside its run folder (smoke-base/), where the adapter's config points: `./run.sh chat` and
+`./run.sh export` then find the base model of a smoke run as they find a real one on the hub."""
 import atexit
 import shutil
 import tempfile
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,9 +32,12 @@ def train_tokenizer(corpus: list[str], family: str, vocab_size: int = 1024) -> P
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad)
 
 
-def tiny_model(family: str, rows: list[dict], seed: int = 0) -> str:
+def tiny_model(family: str, rows: list[dict], seed: int = 0, folder: Path | None = None) -> str:
     """Build and save a 2-layer, hidden-64 model (Llama, or GPT-2 for family 'gpt2') with a tokenizer trained on the
-    text of `rows`; returns its folder."""
+    text of `rows`; returns its folder: `folder` (kept as it is when a resumed run built it already) or a temporary
+    one removed at exit."""
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        return str(Path(folder).resolve())
     tokenizer = train_tokenizer(list(texts_in(rows)), family)
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
@@ -41,8 +48,10 @@ def tiny_model(family: str, rows: list[dict], seed: int = 0) -> str:
         model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                                              tie_word_embeddings=True, **ids))
-    folder = tempfile.mkdtemp(prefix=f"smoke-{family}-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix=f"smoke-{family}-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder = str(Path(folder).resolve())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -8,6 +8,7 @@ import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT
 
 import gc
 import random
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from common.errors import UserError, run_main
 from common.hardware import detect, peak_memory_gib, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
+from common.report import loggers, print_summary
 from common.smoke import tiny_model
 
 matplotlib.use("Agg")  # PNGs only: no display on a training box
@@ -34,6 +36,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 RECIPE = "gpt2_medium_qlora"
 SAMPLE_DATA = Path(__file__).parent / "data" / "alpaca_sample.jsonl"
+# The card's prompt format as a chat template, saved with each adapter: ./run.sh chat and the GGUF's Modelfile render a
+# conversation as the model was trained (one instruction, its response, end of text).
+ALPACA_CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}"
+                        "{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+                        "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+                        "{% endfor %}")
 SIDES = {"qlora": "NF4 base (double quantization, block 64), LoRA via Unsloth's get_peft_model",
          "lora": "unquantized base, LoRA via PEFT's get_peft_model"}
 
@@ -85,13 +93,13 @@ def main(argv=None):
         train_rows, held_out, data = alpaca_rows(cfg.data, cfg.max_samples, cfg.eval_prompts, cfg.seed)
         print(f"data: {data['report']}; train {data['train']:,}, held-out prompts {data['held_out']}")
         if run.smoke:
-            cfg.model_name = tiny_model("gpt2", train_rows + held_out)
+            cfg.model_name = tiny_model("gpt2", train_rows + held_out, folder=folder.smoke_base)
         train_dataset = Dataset.from_list([{"prompt": alpaca_prompt(row), "completion": row["output"]}
                                            for row in train_rows])
         prompts = [alpaca_prompt(r) for r in held_out]
 
         # 2. The study: every rank on both bases, one model in memory at a time, same seed, data order and steps.
-        runs, probes = [], {}
+        runs, probes, curves = [], {}, {}
         (folder.path / "metrics").mkdir()
         sides = [cfg.only] if cfg.only else list(SIDES)
         for rank in cfg.ranks:
@@ -101,10 +109,12 @@ def main(argv=None):
                 # Load the base through Unsloth: NF4 for QLoRA, 16-bit for the baseline; then LoRA on c_attn.
                 model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision,
                                               load_in_4bit=side == "qlora", use_gradient_checkpointing=False)
+                tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
                 model = add_lora(model, side, rank, cfg)
                 # Train, reading the peak before generation can raise it.
                 recorder = MetricsRecorder(folder.path / "metrics" / f"{side}-r{rank}.jsonl")
-                trainer = make_trainer(model, tokenizer, train_dataset, cfg, hardware, folder, recorder)
+                trainer = make_trainer(model, tokenizer, train_dataset, cfg, hardware, folder, recorder,
+                                       loggers(run.report_to, folder.path / "tensorboard" / f"{side}-r{rank}"))
                 reset_peak_memory()
                 trainer.train()
                 peak = peak_memory_gib()
@@ -114,6 +124,7 @@ def main(argv=None):
                 model.save_pretrained(adapter)
                 tokenizer.save_pretrained(adapter)
                 runs.append(summarize_run(side, rank, cfg, model, trainer, recorder, peak, before, adapter, folder))
+                curves[f"{side} r{rank}"] = recorder.records
                 del model, trainer, recorder
 
         # 3. Compare the sides rank by rank, answer the card, plot, and write results.md last.
@@ -126,12 +137,17 @@ def main(argv=None):
                      "similarity", {"mean-pooled cosine": [c["mean_pooled_cosine"] for c in comparisons],
                                     "token match rate": [c["token_match_rate"] for c in comparisons]},
                      empty="one side only (--only): nothing to compare", threshold=cfg.cosine_threshold)
+        # The adapter that chat and export use: the card's side (QLoRA, unless --only lora) at the optimal rank.
+        kept = next(r for r in runs if r["side"] == sides[0] and r["rank"] == (card["optimal_rank"] or cfg.ranks[-1]))
+        shutil.copytree(folder.path / kept["adapter"], folder.adapter)
         folder.write_json("study.json", {"card": card, "ranks": comparisons, "runs": runs})
         folder.write_json("manifest.json", manifest(RECIPE, hardware, cfg.seed, data, optimizer=runs[-1]["optimizer"],
-                                                    runs=runs, card=card))
-        folder.write_results(results_markdown(cfg, hardware, data, runs, comparisons, card))
+                                                    runs=runs, card=card, adapter_kept=kept["adapter"],
+                                                    load_in_4bit=kept["side"] == "qlora"))
+        folder.write_results(results_markdown(cfg, hardware, data, runs, comparisons, card), loss_curves=curves)
         print(results_table(cfg, runs, comparisons))
         print(f"done: optimal rank {card['optimal_rank']}; results in {folder.path}")
+        print_summary(RECIPE, folder.path, kept, curves[f"{kept['side']} r{kept['rank']}"])
 
 
 def check_options(cfg, run):
@@ -190,7 +206,7 @@ def add_lora(model, side: str, rank: int, cfg):
         target_modules=list(cfg.target_modules), fan_in_fan_out=True, task_type="CAUSAL_LM"))
 
 
-def make_trainer(model, tokenizer, dataset, cfg, hardware, folder, recorder) -> SFTTrainer:
+def make_trainer(model, tokenizer, dataset, cfg, hardware, folder, recorder, report_to) -> SFTTrainer:
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
@@ -213,7 +229,7 @@ def make_trainer(model, tokenizer, dataset, cfg, hardware, folder, recorder) -> 
             save_strategy="no",  # the adapter is saved after training; no run here needs a checkpoint
             seed=cfg.seed,
             data_seed=cfg.seed,
-            report_to="none",
+            report_to=report_to,
             **training_precision_flags(hardware.precision),
         ),
     )
@@ -297,6 +313,7 @@ def summarize_run(side, rank, cfg, model, trainer, recorder, peak, before, adapt
         "tokens_per_s": after_warmup(recorder.tokens_per_s, cfg.timing_warmup_steps),
         # What earlier runs left allocated (Unsloth keeps a few caches) is subtracted: each run's peak is its own.
         "peak_gpu_memory_gib": None if peak is None else peak - before, "gpu_memory_before_load_gib": before,
+        "train_seconds": recorder.train_seconds, "tokens_trained": recorder.tokens_seen,
         "optimizer": optimizer_that_ran(trainer), "adapter": str(adapter.relative_to(folder.path))}
     print(f"{side} r{rank}: final loss {summary['final_loss']:.4f}, median step "
           f"{fmt(summary['median_step_time_s'], ' s', 3)}, peak GPU memory {fmt(summary['peak_gpu_memory_gib'], ' GiB')}")

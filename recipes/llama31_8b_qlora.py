@@ -27,6 +27,7 @@ from common.errors import UserError, run_main
 from common.hardware import detect, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
+from common.report import loggers, print_summary
 from common.smoke import tiny_model
 
 RECIPE = "llama31_8b_qlora"
@@ -104,7 +105,7 @@ def main(argv=None):
         folder.write_config(cfg, run)
         print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
         if run.smoke:
-            model_name = tiny_model("llama-3.1", read_rows(cfg.data))
+            model_name = tiny_model("llama-3.1", read_rows(cfg.data), folder=folder.smoke_base)
 
         # Steps 1-5 once per rank: one run at --lora-r, or, with --rank-sweep, the card's doubling rule.
         swept, results = len(ranks) > 1, []
@@ -131,8 +132,10 @@ def main(argv=None):
             RECIPE, hardware, cfg.seed, kept["data"], model_name=model_name, optimizer=kept["optimizer"],
             **{key: kept[key] for key in RESULT_KEYS},
             sweep=[{key: r[key] for key in RESULT_KEYS} for r in results] if swept else None))
-        folder.write_results(results_markdown(cfg, model_name, results, chosen, swept))
+        folder.write_results(results_markdown(cfg, model_name, results, chosen, swept),
+                             loss_curves={f"r{r['rank']}" if swept else "": r["records"] for r in results})
         print(f"done: rank {chosen}, eval loss {kept['eval_loss']:.4f}; results in {folder.path}")
+        print_summary(RECIPE, folder.path, kept, kept["records"])
 
 
 def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
@@ -176,7 +179,7 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
                 save_strategy="steps", save_steps=cfg.eval_steps,
                 save_total_limit=2,  # the best and the latest: enough to resume and to restore the best
                 load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-                logging_steps=1, seed=cfg.seed, data_seed=cfg.seed, report_to="none",
+                logging_steps=1, seed=cfg.seed, data_seed=cfg.seed, report_to=loggers(run.report_to, folder.path / "tensorboard"),
                 **training_precision_flags(hardware.precision)),
         )
     trainer = train_on_responses_only(trainer, instruction_part=user_marker, response_part=reply_marker)
@@ -199,7 +202,7 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
                   adapter_mb=(folder.adapter / "adapter_model.safetensors").stat().st_size / 1e6,
                   eval_loss=final_eval["final_loss"],
                   best_step=int(Path(trainer.state.best_model_checkpoint).name.split("-")[1]),
-                  optimizer=optimizer_that_ran(trainer), data=data, samples=samples,
+                  optimizer=optimizer_that_ran(trainer), data=data, samples=samples, records=recorder.records,
                   **recorder.summary())
     print(f"rank {rank}: eval loss {result['eval_loss']:.4f}, {result['trainable_parameters']:,} trainable parameters, "
           f"adapter {result['adapter_mb']:.2f} MB")

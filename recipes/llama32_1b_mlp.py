@@ -27,6 +27,7 @@ from common.errors import UserError, run_main
 from common.hardware import detect, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
+from common.report import loggers, print_summary
 from common.smoke import tiny_model
 
 RECIPE = "llama32_1b_mlp"
@@ -77,7 +78,7 @@ def main(argv=None):
 
         # 1. Load the 4-bit base model and the Llama 3.1 chat template; fingerprint attention as loaded.
         if run.smoke:
-            cfg.model_name = tiny_model("llama-3.1", read_rows(cfg.data))
+            cfg.model_name = tiny_model("llama-3.1", read_rows(cfg.data), folder=folder.smoke_base)
         model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit)
         tokenizer = set_chat_template(tokenizer, cfg.chat_template)
         attention_before = attention_fingerprints(model)
@@ -120,7 +121,7 @@ def main(argv=None):
                     logging_steps=1,
                     seed=cfg.seed,
                     data_seed=cfg.seed,
-                    report_to="none",
+                    report_to=loggers(run.report_to, folder.path / "tensorboard"),
                     **training_precision_flags(hardware.precision),
                 ),
             )
@@ -157,8 +158,9 @@ def main(argv=None):
             RECIPE, hardware, cfg.seed, data, optimizer=optimizer_that_ran(trainer), held_out_loss_before=loss_before,
             held_out_loss_after=loss_after, held_out_questions=[s[0] for s in samples], **check, **throughput))
         folder.write_results(results_markdown(data, recorder.records, (loss_before, loss_after), check, throughput,
-                                              samples))
+                                              samples), loss_curves={"": recorder.records})
         print(f"done: held-out loss {loss_before:.4f} -> {loss_after:.4f}; results in {folder.path}")
+        print_summary(RECIPE, folder.path, throughput, recorder.records)
 
 
 def domain_conversations(cfg, tokenizer):

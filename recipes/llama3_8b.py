@@ -22,6 +22,7 @@ from common.errors import run_main
 from common.hardware import detect, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
+from common.report import loggers, print_summary
 from common.smoke import tiny_model
 
 RECIPE = "llama3_8b"
@@ -77,7 +78,7 @@ def main(argv=None):
 
         # 1. Load the 4-bit base model and the Llama 3 chat template.
         if run.smoke:
-            cfg.model_name = tiny_model("llama-3", read_rows(cfg.data))
+            cfg.model_name = tiny_model("llama-3", read_rows(cfg.data), folder=folder.smoke_base)
         model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit,
                                       attn_implementation=cfg.attn_implementation)
         tokenizer = set_chat_template(tokenizer, cfg.chat_template)
@@ -130,7 +131,7 @@ def main(argv=None):
                     logging_steps=1,
                     seed=cfg.seed,
                     data_seed=cfg.seed,
-                    report_to="none",
+                    report_to=loggers(run.report_to, folder.path / "tensorboard"),
                     **training_precision_flags(hardware.precision),
                 ),
             )
@@ -158,8 +159,10 @@ def main(argv=None):
         folder.write_json("manifest.json", manifest(
             RECIPE, hardware, cfg.seed, data, optimizer=optimizer_that_ran(trainer), best_step=best_step,
             best_eval_loss=trainer.state.best_metric, final_eval_loss=final_eval["final_loss"], **throughput))
-        folder.write_results(results_markdown(cfg, data, recorder.records, best_step, final_eval, throughput, samples))
+        folder.write_results(results_markdown(cfg, data, recorder.records, best_step, final_eval, throughput, samples),
+                             loss_curves={"": recorder.records})
         print(f"done: kept step {best_step} (eval loss {final_eval['final_loss']:.4f}); results in {folder.path}")
+        print_summary(RECIPE, folder.path, throughput, recorder.records)
 
 
 def results_markdown(cfg, data, records, best_step, final_eval, throughput, samples) -> str:

@@ -31,6 +31,7 @@ from common.errors import UserError, run_main
 from common.hardware import detect, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
+from common.report import loggers, print_summary
 from common.smoke import tiny_model
 
 RECIPE = "tinyllama_sentiment"
@@ -100,7 +101,8 @@ def main(argv=None):
         # 2. The 4-bit base model in TinyLlama-Chat's template, LoRA on the attention projections.
         if run.smoke:  # the tokenizer learns the label words as the real one knows them: whole tokens
             cfg.model_name = tiny_model("zephyr", [{"text": SYSTEM_PROMPT}] + [
-                {"text": row["text"], "answer": LABELS[row["label"]]} for rows in splits.values() for row in rows])
+                {"text": row["text"], "answer": LABELS[row["label"]]} for rows in splits.values() for row in rows],
+                folder=folder.smoke_base)
         model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit)
         tokenizer = set_chat_template(tokenizer, cfg.chat_template)
         model = FastLanguageModel.get_peft_model(
@@ -146,7 +148,7 @@ def main(argv=None):
                 logging_steps=1,
                 seed=cfg.seed,
                 data_seed=cfg.seed,
-                report_to="none",
+                report_to=loggers(run.report_to, folder.path / "tensorboard"),
                 **training_precision_flags(hardware.precision),
             ),
         )
@@ -175,10 +177,11 @@ def main(argv=None):
             RECIPE, hardware, cfg.seed, data, system_prompt=SYSTEM_PROMPT, quantization=quantization_in_use(model),
             optimizer=optimizer_that_ran(trainer), zero_shot_macro_f1=zero_shot["constrained"]["macro_f1"],
             fine_tuned_macro_f1=fine_tuned["constrained"]["macro_f1"], **throughput))
-        folder.write_results(results_markdown(cfg, data, metrics, throughput))
+        folder.write_results(results_markdown(cfg, data, metrics, throughput), loss_curves={"": recorder.records})
         print(f"done: macro-F1 zero-shot {zero_shot['constrained']['macro_f1']:.4f}, fine-tuned "
               f"{fine_tuned['constrained']['macro_f1']:.4f}, majority class "
               f"{metrics['majority_baseline']['macro_f1']:.4f}; results in {folder.path}")
+        print_summary(RECIPE, folder.path, throughput, recorder.records)
 
 
 def load_splits(source: str, hub_config: str, holdout_fraction: float, seed: int) -> dict[str, list[dict]]:

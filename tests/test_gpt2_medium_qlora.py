@@ -174,7 +174,7 @@ def test_batches_are_padded_to_a_multiple_of_the_configured_length(pad_to_multip
                                   use_gradient_checkpointing=False)
     dataset = Dataset.from_list([{"prompt": alpaca_prompt(row), "completion": row["output"]} for row in rows[:16]])
     trainer = make_trainer(add_lora(model, "lora", 2, cfg), tokenizer, dataset, cfg, detect("fp32"),
-                           SimpleNamespace(checkpoints=tmp_path), MetricsRecorder(tmp_path / "metrics.jsonl"))
+                           SimpleNamespace(checkpoints=tmp_path), MetricsRecorder(tmp_path / "metrics.jsonl"), ["none"])
     widths = [(batch["input_ids"].shape[1], int(batch["attention_mask"].sum(1).max()))
               for batch in trainer.get_train_dataloader()]
     assert len(widths) == 4

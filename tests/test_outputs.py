@@ -46,7 +46,7 @@ def test_resume_refuses_completed_or_checkpointless_runs(tmp_path):
     (folder.path / "FAILED").write_text("interrupted\n")
     reopened = RunFolder.reopen(str(folder.path))
     assert reopened.last_checkpoint().endswith("checkpoint-12") and not (folder.path / "FAILED").exists()
-    folder.write_results("# done")
+    folder.write_results("# done", loss_curves={})
     with pytest.raises(UserError, match="already completed"):
         RunFolder.reopen(str(folder.path))
 
