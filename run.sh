@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # ./run.sh <recipe> [--field value ...]   train a recipe (./run.sh llama3_8b --smoke: offline check on CPU)
+# ./run.sh chat RUN_DIR [--prompt TEXT]   talk to a trained run's model (--base: without the adapter)
+# ./run.sh export RUN_DIR --format merged16|gguf [--quantization q4_k_m,q8_0] [--push-to-hub USER/REPO]
 # ./run.sh list                           the recipes, one line each
 # ./run.sh test [pytest args]             set up the CPU test environment and run the CPU test suite
 # ./run.sh --detect                       print the GPU and the precision a run would use
@@ -49,7 +51,7 @@ ensure_installed() {
   if [ -n "$STAMP" ]; then
     [ -f "$STAMP" ] && return
   elif "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
-      ('unsloth', 'trl', 'peft', 'datasets', 'rich', 'yaml', 'sklearn', 'matplotlib'$([ "$kind" = cpu ] && echo ", 'pytest'"))))"; then
+      ('unsloth', 'trl', 'peft', 'datasets', 'rich', 'yaml', 'sklearn', 'matplotlib', 'tensorboard'$([ "$kind" = cpu ] && echo ", 'pytest'"))))"; then
     return
   fi
   echo "setting up the $kind environment ($PY); this happens once" >&2
@@ -62,12 +64,34 @@ ensure_installed() {
   [ -z "$STAMP" ] || touch "$STAMP"
 }
 
+# llama.cpp's converter (from the llama-cpp-python source package) and quantizer (the llama_cpp module), once, for
+# GGUF exports and their tests: pip builds llama-cpp-python from source, a few minutes on two cores.
+EXPORT_TOOLS="$ROOT/.export-tools"
+ensure_export_tools() {
+  local version sdist
+  version=$(sed -n 's/^llama-cpp-python==//p' "$ROOT/requirements-export.txt")
+  sdist="$EXPORT_TOOLS/llama_cpp_python-$version.tar.gz"
+  if [ -f "$EXPORT_TOOLS/llama.cpp/convert_hf_to_gguf.py" ] && [ -f "$sdist" ] \
+      && "$PY" -c "import llama_cpp, sentencepiece" 2>/dev/null; then
+    return
+  fi
+  echo "setting up llama.cpp's converter and quantizer (llama-cpp-python $version from source); this happens once" >&2
+  mkdir -p "$EXPORT_TOOLS"
+  [ -f "$sdist" ] || "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$EXPORT_TOOLS"
+  rm -rf "$EXPORT_TOOLS/llama.cpp" && mkdir "$EXPORT_TOOLS/llama.cpp"
+  tar -xzf "$sdist" -C "$EXPORT_TOOLS/llama.cpp" --strip-components=3 \
+    "llama_cpp_python-$version/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "llama_cpp_python-$version/vendor/llama.cpp/conversion" "llama_cpp_python-$version/vendor/llama.cpp/gguf-py"
+  "$PY" -m pip install -q "$sdist"
+  "$PY" -m pip install -q -r "$ROOT/requirements-export.txt"
+}
+
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # fewer fragmentation OOMs on long runs
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 case "${1:-}" in
   ""|-h|--help)
-    sed -n '2,9s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
   --detect)
     detect; exit 0 ;;
   list)
@@ -75,9 +99,17 @@ case "${1:-}" in
   test)
     shift
     ensure_installed cpu
+    ensure_export_tools
     cd "$ROOT"
     exec "$PY" -m pytest -m "not gpu" tests "$@" ;;
 esac
+
+if [ "${1:-}" = chat ] || [ "${1:-}" = export ]; then
+  command=$1; shift
+  if [[ "$(detect)" == gpu=none* ]]; then ensure_installed cpu; else ensure_installed gpu; fi
+  if [ "$command" = export ] && [[ " $* " == *" gguf "* || " $* " == *" --format=gguf "* ]]; then ensure_export_tools; fi
+  exec "$PY" -m "after_training.$command" "$@"
+fi
 
 name=$1; shift
 [ -f "$ROOT/recipes/$name.py" ] && [ "$name" != "__init__" ] || die "unknown recipe '$name'; choose one of: $(recipes | paste -sd ' ')"

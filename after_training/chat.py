@@ -1,0 +1,103 @@
+"""./run.sh chat RUN_DIR: talk to a trained model in its own chat template.
+
+Loads the run's base model and adapter as trained (4-bit on a GPU), applies the run's chat template and system prompt,
+streams each reply and stops at the template's end-of-turn token. The conversation is kept between turns; /reset
+clears it, /exit (or Ctrl-D) leaves. --prompt "TEXT" answers once and exits; --base answers without the adapter.
+"""
+import contextlib
+import sys
+
+with contextlib.redirect_stdout(sys.stderr):  # Unsloth's banner aside: stdout carries only the replies
+    import unsloth  # noqa: F401  (first: Unsloth patches transformers and PEFT on import)
+
+import argparse
+import os
+
+import torch
+from transformers import TextStreamer
+
+from after_training.trained_run import load_trained, open_run
+from common.chat import stop_token_ids
+from common.errors import UserError, run_main
+from common.hardware import detect
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="./run.sh chat", description="Chat with a trained run's model.")
+    parser.add_argument("run_dir", help="a finished run folder, outputs/<recipe>/<stamp>")
+    parser.add_argument("--prompt", help="answer this one message, print the reply and exit")
+    parser.add_argument("--base", action="store_true", help="the base model without the adapter, for comparison")
+    parser.add_argument("--system", help="system prompt (default: the run's own; '' for none)")
+    parser.add_argument("--adapter", help="another adapter folder, e.g. RUN_DIR/checkpoints/checkpoint-200")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default) answers greedily, the same every time; 0.7 gives varied replies")
+    parser.add_argument("--precision", default=os.environ.get("FT_PRECISION", "auto"), help="auto|bf16|fp16|fp32")
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, base: bool,
+          max_seq_length: int) -> str:
+    """Stream the model's next turn to stdout and return it. The oldest exchanges are left out of the prompt when the
+    conversation no longer fits max_seq_length with room for the reply."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while True:
+        encoded = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)
+        if encoded["input_ids"].shape[1] + max_new_tokens <= max_seq_length or len(turns) <= 1:
+            break
+        turns = turns[2:]
+    encoded = encoded.to(model.device)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    without_adapter = model.disable_adapter() if base else contextlib.nullcontext()
+    with without_adapter:
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
+                                pad_token_id=tokenizer.pad_token_id, streamer=TextStreamer(tokenizer, skip_prompt=True,
+                                                                                           skip_special_tokens=True),
+                                **sampling)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    run = open_run(args.run_dir, args.adapter)
+    hardware = detect(args.precision)
+    with contextlib.redirect_stdout(sys.stderr):  # loading banners aside: stdout carries only the replies
+        model, tokenizer = load_trained(run, hardware.precision)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{run.adapter}: the tokenizer has no chat template; this run cannot be chatted with")
+    system_prompt = run.system_prompt if args.system is None else args.system
+    opening = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    answer = lambda messages: reply(model, tokenizer, messages, args.max_new_tokens, args.temperature, args.base,
+                                    run.max_seq_length)
+    if args.prompt is not None:
+        answer(opening + [{"role": "user", "content": args.prompt}])
+        return
+
+    which = "the base model, no adapter" if args.base else f"adapter {run.adapter}"
+    print(f"chatting with {run.recipe} ({which}{', tiny smoke model' if run.smoke else ''}); "
+          f"/reset clears the conversation, /exit or Ctrl-D leaves")
+    messages = list(opening)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text == "/exit":
+            return
+        if text == "/reset":
+            messages = list(opening)
+            print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        messages.append({"role": "assistant", "content": answer(messages)})
+
+
+if __name__ == "__main__":
+    run_main(main)

