@@ -124,6 +124,7 @@ def model_card(run: TrainedRun, export_format: str) -> str:
         f"# {run.recipe} ({export_format})", "",
         f"LoRA fine-tune of `{run.base_model}` by the `{run.recipe}` recipe, trained with Unsloth + TRL + PEFT, "
         f"the adapter merged into the weights. {usage[export_format]}", "",
+        adapter_line(run),
         f"- data: `{data.get('source', 'n/a')}` ({data.get('report', 'n/a')})",
         f"- system prompt: {run.system_prompt or 'none'}",
         *[f"- {key}: {value:.4g}" for key, value in metrics.items()], "",
@@ -137,6 +138,13 @@ def hub_token() -> str:
         raise UserError("--push-to-hub needs a token in the HF_TOKEN environment variable (a write token from your "
                         "hub account settings); nothing was uploaded")
     return token
+
+
+def adapter_line(run: TrainedRun) -> str:
+    """The model card's line naming the adapter merged in: a GGUF export reuses merged16/ only when it holds this one."""
+    adapter = run.adapter.resolve()
+    inside_run = adapter.is_relative_to(run.path.resolve())
+    return f"- adapter: `{adapter.relative_to(run.path.resolve()) if inside_run else adapter}`"
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool, token: str):
@@ -160,7 +168,8 @@ def main(argv=None):
     hardware = detect(args.precision)
     exports = run.path / "export"
     merged = exports / "merged16"
-    if args.format == "merged16" or not (merged / "config.json").is_file():
+    card = merged / "README.md"
+    if args.format == "merged16" or not card.is_file() or adapter_line(run) not in card.read_text().splitlines():
         figures = export_merged16(run, hardware.precision, merged)
         print(f"merged16: {merged} ({size(folder_bytes(merged))}, {figures['seconds']:.0f} s"
               + (f", peak GPU memory {figures['peak_gpu_memory_gib']:.2f} GiB)" if figures["peak_gpu_memory_gib"] else ")"))
@@ -168,6 +177,8 @@ def main(argv=None):
     if args.format == "gguf":
         result = exports / "gguf"
         timings = export_gguf(run, merged, quantizations, result, args.gguf_pre_tokenizer)
+        if "f16" not in quantizations:
+            print(f"gguf: converted to f16 in {timings['f16']:.0f} s (an intermediate, not kept)")
         for quantization in quantizations:
             file = result / f"{run.recipe}-{quantization}.gguf"
             print(f"gguf {quantization}: {file} ({size(file.stat().st_size)}, {timings[quantization]:.0f} s)")

@@ -55,8 +55,8 @@ def open_run(run_dir: str, adapter: str | None = None) -> TrainedRun:
     base_model = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_model:
         raise UserError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; the adapter cannot be loaded")
-    return TrainedRun(path=path, recipe=path.parent.name, adapter=adapter_dir, base_model=base_model,
-                      hyperparameters=config.get("hyperparameters", {}), manifest=manifest,
+    return TrainedRun(path=path, recipe=manifest.get("recipe", path.parent.name), adapter=adapter_dir,
+                      base_model=base_model, hyperparameters=config.get("hyperparameters", {}), manifest=manifest,
                       smoke=bool(config.get("run", {}).get("smoke")))
 
 

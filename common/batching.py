@@ -6,6 +6,10 @@ Handing the Trainer every row of an optimizer step as one micro-batch and settin
 run it as passes of whole rows holding at most `rows a pass x max_seq_length` tokens: a step still trains the card's
 rows, full-length rows still go the card's number a pass (the same peak memory), short rows share a pass, and the loss
 is divided by the step's token count once instead of averaged per micro-batch.
+
+Where Unsloth would not split (its CPU backend has no token budget; some settings make it decline), a step's rows would
+go through in one pass: batch x accumulation rows at once, the card's memory times the accumulation. settle_batching
+checks that before the first step and, if so, sets the trainer back to the card's micro-batches.
 """
 import contextlib
 import os
@@ -29,3 +33,33 @@ def token_budget_batches(per_device_train_batch_size: int, gradient_accumulation
         else:
             os.environ[TOKEN_BUDGET_VARIABLE] = previous
 
+
+
+def settle_batching(trainer, per_device_train_batch_size: int, gradient_accumulation_steps: int) -> str:
+    """'token-budget' when Unsloth will split each step into passes within the budget; otherwise the trainer goes back
+    to the card's micro-batches (rows a pass x accumulation), said once, and 'card micro-batches' is returned for the
+    manifest. Call after the trainer is built and before it trains."""
+    reason = token_budget_blocker(trainer)
+    if reason is None:
+        return "token-budget"
+    trainer.args.per_device_train_batch_size = per_device_train_batch_size
+    trainer.args.gradient_accumulation_steps = gradient_accumulation_steps
+    trainer._train_batch_size = trainer.args.train_batch_size  # what the Trainer's dataloader reads (transformers 5)
+    print(f"batching: the card's micro-batches, {per_device_train_batch_size} rows x {gradient_accumulation_steps} "
+          f"accumulation steps: {reason}")
+    return "card micro-batches"
+
+
+def token_budget_blocker(trainer) -> str | None:
+    """Why Unsloth would run a step's rows in one pass instead of splitting them; None when it will split."""
+    if not getattr(trainer, "_unsloth_token_budget_installed", False):
+        return "this Unsloth backend does not split steps by token budget"
+    if trainer.args.world_size > 1:
+        # Unsloth splits only when every rank needs the same number of passes, which a step's rows do not promise.
+        return "with several processes Unsloth runs any step whose ranks need different numbers of passes at once"
+    try:  # the check Unsloth itself makes before each step (unsloth 2026.10: unsloth.utils.token_budget)
+        from unsloth.utils.token_budget import _exactness_blocker
+    except ImportError:
+        return "this Unsloth version does not say when it declines to split"
+    reason = _exactness_blocker(trainer)
+    return f"Unsloth would not split: {reason}" if reason else None

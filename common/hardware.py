@@ -43,6 +43,12 @@ def torch_dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def precision_of(model) -> str:
+    """The precision a loaded model computes in: Unsloth's CPU backend picks bf16 on a CPU with bf16 hardware whatever
+    was asked, and a 4-bit model reports its compute dtype."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(model.dtype, str(model.dtype))
+
+
 def reset_peak_memory():
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -140,7 +140,9 @@ def optimizer_that_ran(trainer) -> str:
     return f"{type(optimizer).__module__}.{type(optimizer).__name__} (optim={requested})"
 
 
-def manifest(recipe: str, hardware, seed: int, data: dict, **extra) -> dict:
+def manifest(recipe: str, hardware, seed: int, data: dict, precision: str, **extra) -> dict:
+    """What reproduces and describes the run; `precision` is what the model computed in (common.hardware.precision_of),
+    which on CPU can differ from what was asked."""
     from common.data import file_sha256
     return {
         "recipe": recipe,
@@ -150,7 +152,8 @@ def manifest(recipe: str, hardware, seed: int, data: dict, **extra) -> dict:
         "gpu": hardware.gpu_name,
         "compute_capability": hardware.capability,
         "gpu_memory_total_gib": (vram_gib() or (None, None))[1],
-        "precision": hardware.precision,
+        "precision": precision,
+        "precision_requested": hardware.precision,
         "seed": seed,
         "data": {**data, "sha256": file_sha256(data["source"])},
         "packages": package_versions(),

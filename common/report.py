@@ -5,7 +5,7 @@ from pathlib import Path
 
 from common.errors import UserError
 
-LOGGERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # --report-to name: package
+LOGGERS = ("tensorboard", "wandb", "trackio")  # each is also the package TRL needs for it
 
 
 def loggers(report_to: str, tensorboard_dir: Path) -> list[str]:
@@ -16,8 +16,8 @@ def loggers(report_to: str, tensorboard_dir: Path) -> list[str]:
     for name in names:
         if name not in LOGGERS:
             raise UserError(f"--report-to {report_to}: use none or some of {', '.join(LOGGERS)}")
-        if importlib.util.find_spec(LOGGERS[name]) is None:
-            raise UserError(f"--report-to {name}: the {LOGGERS[name]} package is not installed; pip install {LOGGERS[name]}")
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"--report-to {name}: the {name} package is not installed; pip install {name}")
     if "tensorboard" in names:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir)
     return names or ["none"]

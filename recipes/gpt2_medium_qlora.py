@@ -25,7 +25,7 @@ from common.callbacks import MetricsRecorder
 from common.config import parse
 from common.data import read_rows
 from common.errors import UserError, run_main
-from common.hardware import detect, peak_memory_gib, reset_peak_memory, training_precision_flags
+from common.hardware import detect, precision_of, peak_memory_gib, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
@@ -141,9 +141,9 @@ def main(argv=None):
         kept = next(r for r in runs if r["side"] == sides[0] and r["rank"] == (card["optimal_rank"] or cfg.ranks[-1]))
         shutil.copytree(folder.path / kept["adapter"], folder.adapter)
         folder.write_json("study.json", {"card": card, "ranks": comparisons, "runs": runs})
-        folder.write_json("manifest.json", manifest(RECIPE, hardware, cfg.seed, data, optimizer=runs[-1]["optimizer"],
-                                                    runs=runs, card=card, adapter_kept=kept["adapter"],
-                                                    load_in_4bit=kept["side"] == "qlora"))
+        folder.write_json("manifest.json", manifest(RECIPE, hardware, cfg.seed, data, kept["precision"],
+                                                    optimizer=runs[-1]["optimizer"], runs=runs, card=card,
+                                                    adapter_kept=kept["adapter"], load_in_4bit=kept["side"] == "qlora"))
         folder.write_results(results_markdown(cfg, hardware, data, runs, comparisons, card), loss_curves=curves)
         print(results_table(cfg, runs, comparisons))
         print(f"done: optimal rank {card['optimal_rank']}; results in {folder.path}")
@@ -314,6 +314,7 @@ def summarize_run(side, rank, cfg, model, trainer, recorder, peak, before, adapt
         # What earlier runs left allocated (Unsloth keeps a few caches) is subtracted: each run's peak is its own.
         "peak_gpu_memory_gib": None if peak is None else peak - before, "gpu_memory_before_load_gib": before,
         "train_seconds": recorder.train_seconds, "tokens_trained": recorder.tokens_seen,
+        "precision": precision_of(model),
         "optimizer": optimizer_that_ran(trainer), "adapter": str(adapter.relative_to(folder.path))}
     print(f"{side} r{rank}: final loss {summary['final_loss']:.4f}, median step "
           f"{fmt(summary['median_step_time_s'], ' s', 3)}, peak GPU memory {fmt(summary['peak_gpu_memory_gib'], ' GiB')}")

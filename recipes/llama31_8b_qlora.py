@@ -18,13 +18,13 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel, get_chat_template, train_on_responses_only
 
-from common.batching import token_budget_batches
+from common.batching import settle_batching, token_budget_batches
 from common.callbacks import MetricsRecorder, StopAfterStep
 from common.chat import TURN_MARKERS, conversation_dataset, generate_reply
 from common.config import parse
 from common.data import prepare_chat_data, read_rows
 from common.errors import UserError, run_main
-from common.hardware import detect, reset_peak_memory, training_precision_flags
+from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
@@ -50,7 +50,7 @@ LLAMA31_8B_CONFIG = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attentio
 OPTIONAL_CONFIG_KEYS = ("num_key_value_heads", "tie_word_embeddings")  # absent: no grouped-query attention, untied
 BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "8-bit": 1, "4-bit": 0.5}
 # What each trained rank reports, in manifest.json and in the sweep's table.
-RESULT_KEYS = ("rank", "lora_alpha", "trainable_parameters", "adapter_mb", "eval_loss", "best_step",
+RESULT_KEYS = ("rank", "lora_alpha", "trainable_parameters", "adapter_mb", "eval_loss", "best_step", "batching",
                "median_step_time_s", "tokens_per_s", "peak_gpu_memory_gib")
 
 
@@ -129,7 +129,8 @@ def main(argv=None):
             shutil.copytree(folder.path / "sweep" / f"r{chosen}" / "adapter", folder.adapter)
             plot_sweep(results, chosen, folder.path / "sweep.png")
         folder.write_json("manifest.json", manifest(
-            RECIPE, hardware, cfg.seed, kept["data"], model_name=model_name, optimizer=kept["optimizer"],
+            RECIPE, hardware, cfg.seed, kept["data"], kept["precision"], model_name=model_name,
+            optimizer=kept["optimizer"],
             **{key: kept[key] for key in RESULT_KEYS},
             sweep=[{key: r[key] for key in RESULT_KEYS} for r in results] if swept else None))
         folder.write_results(results_markdown(cfg, model_name, results, chosen, swept),
@@ -183,6 +184,7 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
                 **training_precision_flags(hardware.precision)),
         )
     trainer = train_on_responses_only(trainer, instruction_part=user_marker, response_part=reply_marker)
+    batching = settle_batching(trainer, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
     recorder.count_tokens_of(trainer)
     reset_peak_memory()
     trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
@@ -203,6 +205,7 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
                   eval_loss=final_eval["final_loss"],
                   best_step=int(Path(trainer.state.best_model_checkpoint).name.split("-")[1]),
                   optimizer=optimizer_that_ran(trainer), data=data, samples=samples, records=recorder.records,
+                  precision=precision_of(model), batching=batching,
                   **recorder.summary())
     print(f"rank {rank}: eval loss {result['eval_loss']:.4f}, {result['trainable_parameters']:,} trainable parameters, "
           f"adapter {result['adapter_mb']:.2f} MB")

@@ -18,13 +18,13 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
-from common.batching import token_budget_batches
+from common.batching import settle_batching, token_budget_batches
 from common.callbacks import MetricsRecorder, StopAfterStep
 from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
 from common.config import parse
 from common.data import prepare_chat_data, read_rows
 from common.errors import UserError, run_main
-from common.hardware import detect, reset_peak_memory, training_precision_flags
+from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
@@ -126,6 +126,7 @@ def main(argv=None):
                 ),
             )
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
+        batching = settle_batching(trainer, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
         # LoRA's B matrices start at zero, so before training the adapted model answers exactly as the base model.
         loss_before = trainer.evaluate(metric_key_prefix="before")["before_loss"]
         answers_before = answer(model, tokenizer, questions, cfg.max_new_tokens)
@@ -155,8 +156,9 @@ def main(argv=None):
         samples = [(prompt[-1]["content"], reference, before, after)
                    for (prompt, reference), before, after in zip(questions, answers_before, answers_after)]
         folder.write_json("manifest.json", manifest(
-            RECIPE, hardware, cfg.seed, data, optimizer=optimizer_that_ran(trainer), held_out_loss_before=loss_before,
-            held_out_loss_after=loss_after, held_out_questions=[s[0] for s in samples], **check, **throughput))
+            RECIPE, hardware, cfg.seed, data, precision_of(model), optimizer=optimizer_that_ran(trainer),
+            batching=batching, held_out_loss_before=loss_before, held_out_loss_after=loss_after,
+            held_out_questions=[s[0] for s in samples], **check, **throughput))
         folder.write_results(results_markdown(data, recorder.records, (loss_before, loss_after), check, throughput,
                                               samples), loss_curves={"": recorder.records})
         print(f"done: held-out loss {loss_before:.4f} -> {loss_after:.4f}; results in {folder.path}")

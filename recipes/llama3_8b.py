@@ -13,13 +13,13 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
-from common.batching import token_budget_batches
+from common.batching import settle_batching, token_budget_batches
 from common.callbacks import MetricsRecorder, MovingAverageEvalLoss, StopAfterStep
 from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
 from common.config import parse
 from common.data import prepare_chat_data, read_rows
 from common.errors import run_main
-from common.hardware import detect, reset_peak_memory, training_precision_flags
+from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
@@ -136,6 +136,7 @@ def main(argv=None):
                 ),
             )
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
+        batching = settle_batching(trainer, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
         recorder.count_tokens_of(trainer)
         reset_peak_memory()
         trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
@@ -157,8 +158,9 @@ def main(argv=None):
         folder.save_adapter(model, tokenizer)
         throughput = recorder.summary()
         folder.write_json("manifest.json", manifest(
-            RECIPE, hardware, cfg.seed, data, optimizer=optimizer_that_ran(trainer), best_step=best_step,
-            best_eval_loss=trainer.state.best_metric, final_eval_loss=final_eval["final_loss"], **throughput))
+            RECIPE, hardware, cfg.seed, data, precision_of(model), optimizer=optimizer_that_ran(trainer),
+            batching=batching, best_step=best_step, best_eval_loss=trainer.state.best_metric, final_eval_loss=final_eval["final_loss"],
+            **throughput))
         folder.write_results(results_markdown(cfg, data, recorder.records, best_step, final_eval, throughput, samples),
                              loss_curves={"": recorder.records})
         print(f"done: kept step {best_step} (eval loss {final_eval['final_loss']:.4f}); results in {folder.path}")

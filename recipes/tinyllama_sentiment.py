@@ -28,7 +28,7 @@ from common.chat import generate_reply, set_chat_template
 from common.config import parse
 from common.data import drop_too_long, read_rows, split_train_eval
 from common.errors import UserError, run_main
-from common.hardware import detect, reset_peak_memory, training_precision_flags
+from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
@@ -174,8 +174,9 @@ def main(argv=None):
         folder.write_json("metrics.json", metrics)
         throughput = recorder.summary()
         folder.write_json("manifest.json", manifest(
-            RECIPE, hardware, cfg.seed, data, system_prompt=SYSTEM_PROMPT, quantization=quantization_in_use(model),
-            optimizer=optimizer_that_ran(trainer), zero_shot_macro_f1=zero_shot["constrained"]["macro_f1"],
+            RECIPE, hardware, cfg.seed, data, precision_of(model), system_prompt=SYSTEM_PROMPT,
+            quantization=quantization_in_use(model), optimizer=optimizer_that_ran(trainer),
+            zero_shot_macro_f1=zero_shot["constrained"]["macro_f1"],
             fine_tuned_macro_f1=fine_tuned["constrained"]["macro_f1"], **throughput))
         folder.write_results(results_markdown(cfg, data, metrics, throughput), loss_curves={"": recorder.records})
         print(f"done: macro-F1 zero-shot {zero_shot['constrained']['macro_f1']:.4f}, fine-tuned "

@@ -32,6 +32,13 @@ def run_recipe_process(recipe: str, *args: str, output_dir: Path, timeout: int =
                           cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def cpu_training_precision() -> str:
+    """What Unsloth's CPU backend computes in here: bf16 on a CPU with bf16 hardware (or UNSLOTH_CPU_BF16=1), else fp32,
+    whatever the run asked for."""
+    from unsloth_zoo.cpu.runtime import cpu_bf16_supported
+    return "bf16" if cpu_bf16_supported() else "fp32"
+
+
 def run_folders(output_dir: Path, recipe: str) -> list[Path]:
     return sorted((output_dir / recipe).iterdir()) if (output_dir / recipe).exists() else []
 

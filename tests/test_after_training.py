@@ -242,6 +242,7 @@ def test_push_to_hub_needs_a_token_and_reports_an_unreachable_hub(llama_run, tmp
     assert last.endswith(f"the export is kept in {run / 'export' / 'merged16'}")
     readme = (run / "export" / "merged16" / "README.md").read_text()
     assert "base_model:" in readme and "llama3_8b" in readme and "| `lora_r` | `8` |" in readme
+    assert "- adapter: `adapter`" in readme.splitlines()
     assert "hf_not_a_real_token" not in "".join(p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file()
                                                 and p.suffix in (".md", ".json", ".txt", ".log"))
 
@@ -311,3 +312,20 @@ def test_loss_plot_and_tensorboard_events_hold_the_logged_losses(llama_run):
     assert all(abs(logged[step] - loss) < 1e-6 * max(1.0, abs(loss)) for step, loss in expected.items())
     evaluated = {event.step for event in events.Scalars("eval/loss")}
     assert evaluated == {r["step"] for r in metrics if "eval_loss" in r} == {4, 8, 12}
+
+
+def test_a_gguf_export_of_another_adapter_merges_that_adapter_again(llama_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("export"))
+    assert export(run, "--format", "merged16").returncode == 0
+    final = (run / "export" / "merged16" / "model.safetensors").read_bytes()
+    from safetensors.torch import load_file
+    trained = load_file(run / "adapter" / "adapter_model.safetensors")
+    checkpoint = next(path for path in sorted((run / "checkpoints").glob("checkpoint-*"))
+                      if any(not torch.equal(tensor, trained[name])
+                             for name, tensor in load_file(path / "adapter_model.safetensors").items()))
+    result = export(run, "--format", "gguf", "--quantization", "q8_0", "--adapter", str(checkpoint))
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = (run / "export" / "merged16" / "README.md").read_text().splitlines()
+    assert f"- adapter: `checkpoints/{checkpoint.name}`" in card
+    assert (run / "export" / "merged16" / "model.safetensors").read_bytes() != final

@@ -15,7 +15,7 @@ from common.errors import UserError
 from common.smoke import tiny_model
 from recipes.llama31_8b_qlora import (LLAMA31_8B_CONFIG, SAMPLE_DATA, TARGETS, VARIANTS, chosen_rank, lora_alpha_for,
                                       lora_parameter_count, main, parameter_counts, relative_gain)
-from tests.conftest import run_to_completion
+from tests.conftest import cpu_training_precision, run_to_completion
 
 RECIPE = "llama31_8b_qlora"
 ATTENTION = ["k_proj", "o_proj", "q_proj", "v_proj"]
@@ -63,7 +63,7 @@ def test_smoke_run_trains_the_card_defaults(smoke_run, tiny_config):
     assert lora_module_names(folder / "adapter") == set(ATTENTION)
     assert "<|start_header_id|>assistant<|end_header_id|>" in (folder / "adapter" / "chat_template.jinja").read_text()
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["rank"] == 8 and manifest["sweep"] is None and manifest["precision"] == "fp32"
+    assert manifest["rank"] == 8 and manifest["sweep"] is None and manifest["precision"] == cpu_training_precision() and manifest["precision_requested"] == "fp32"
     assert manifest["best_step"] in (2, 4) and manifest["eval_loss"] > 0
     # The estimate's LoRA arithmetic on the tiny model's config equals what the run trained and saved (fp32 on CPU).
     _, tiny = tiny_config

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import read_jsonl, run_folders, run_to_completion
+from tests.conftest import cpu_training_precision, read_jsonl, run_folders, run_to_completion
 
 RECIPE = "llama32_1b_mlp"
 SAMPLE = Path(__file__).resolve().parent.parent / "recipes" / "data" / "repo_qa_sample.jsonl"
@@ -49,7 +49,7 @@ def test_smoke_run_writes_every_output_with_the_card_settings(smoke_run):
     assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["lora_dropout"]) == (16, 16, 0.0)
     settings = json.loads((folder / "config.json").read_text())["hyperparameters"]
     assert (settings["lr_scheduler_type"], settings["weight_decay"], settings["max_seq_length"]) == ("linear", 0.01, 2048)
-    assert manifest["precision"] == "fp32" and manifest["seed"] == 3407 and len(manifest["data"]["sha256"]) == 64
+    assert manifest["precision"] == cpu_training_precision() and manifest["precision_requested"] == "fp32" and manifest["seed"] == 3407 and len(manifest["data"]["sha256"]) == 64
     assert (manifest["data"]["kept"], manifest["data"]["train"], manifest["data"]["eval"]) == (54, 51, 3)
     assert [step for step, _ in train_losses(folder)] == list(range(1, 13))  # smoke: 12 steps, logged every step
 

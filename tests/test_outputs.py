@@ -70,7 +70,24 @@ def test_config_and_manifest_record_what_reproduces_the_run(tmp_path):
     assert saved["hyperparameters"] == {"learning_rate": 1e-4} and saved["run"]["smoke"] is True
     data_file = tmp_path / "d.jsonl"
     data_file.write_text("{}\n")
-    record = manifest("demo", Hardware("NVIDIA H100", "9.0", "bf16"), 7, {"source": str(data_file)}, optimizer="x")
-    assert record["gpu"] == "NVIDIA H100" and record["precision"] == "bf16" and record["seed"] == 7
+    record = manifest("demo", Hardware("NVIDIA H100", "9.0", "fp32"), 7, {"source": str(data_file)}, "bf16", optimizer="x")
+    assert record["gpu"] == "NVIDIA H100" and record["seed"] == 7
+    assert record["precision"] == "bf16" and record["precision_requested"] == "fp32"
     assert record["data"]["sha256"] == hashlib.sha256(b"{}\n").hexdigest()
     assert record["packages"]["transformers"] == package_versions()["transformers"] == "5.17.0"
+
+
+def test_report_to_checks_each_logger_and_sends_tensorboard_into_the_run(tmp_path, monkeypatch):
+    import importlib.util
+    import os
+
+    from common.report import loggers
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    assert loggers("none", tmp_path / "tb") == ["none"] and "TENSORBOARD_LOGGING_DIR" not in os.environ
+    assert loggers("tensorboard", tmp_path / "tb") == ["tensorboard"]
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tb")
+    with pytest.raises(UserError, match=r"^--report-to mlflow: use none or some of tensorboard, wandb, trackio$"):
+        loggers("mlflow", tmp_path / "tb")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"^--report-to wandb: the wandb package is not installed; pip install wandb$"):
+        loggers("wandb", tmp_path / "tb")
