@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from common.outputs import RunFolder
 
 
 @dataclass
@@ -49,8 +50,8 @@ def open_run(run_dir: str, adapter: str | None = None) -> TrainedRun:
             raise UserError(f"--adapter {adapter}: no adapter_config.json there; pass an adapter or checkpoint folder")
         unfinished = next((marker for marker in ("FAILED", "STOPPED") if (path / marker).is_file()), None)
         why = f"the run is {unfinished}: {(path / unfinished).read_text().strip()}" if unfinished else "the run has not finished"
-        newest = sorted((path / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        hint = f"; or try a checkpoint with --adapter {newest[-1]}" if newest else ""
+        newest = RunFolder(path).last_checkpoint()
+        hint = f"; or try a checkpoint with --adapter {newest}" if newest else ""
         raise UserError(f"{run_dir}: no adapter/ yet ({why}){hint}")
     base_model = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_model:
