@@ -1,4 +1,5 @@
-"""Loading a base model through Unsloth, with the errors a user can cause turned into one line."""
+"""Loading a base model through Unsloth, with the errors a user can cause turned into one line; what it loaded."""
+import bitsandbytes as bnb
 from unsloth import FastLanguageModel
 
 from common.errors import UserError
@@ -19,3 +20,13 @@ def load_model(model_name: str, max_seq_length: int, precision: str, load_in_4bi
         first_line = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         raise UserError(f"could not load model {model_name!r} ({first_line}); check --model-name, "
                         f"or use --smoke to run offline on a tiny model") from None
+
+
+def quantization_in_use(model) -> dict | None:
+    """What the loaded 4-bit layers really use, read from bitsandbytes (None when the base was not quantized)."""
+    layer = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
+    if layer is None:
+        return None
+    state = layer.weight.quant_state
+    return {"quant_type": state.quant_type, "double_quant": state.nested, "blocksize": state.blocksize,
+            "compute_dtype": str(layer.compute_dtype)}

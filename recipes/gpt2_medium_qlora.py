@@ -26,7 +26,7 @@ from common.config import parse
 from common.data import read_rows
 from common.errors import UserError, run_main
 from common.hardware import detect, precision_of, peak_memory_gib, reset_peak_memory, training_precision_flags
-from common.model import load_model
+from common.model import load_model, quantization_in_use
 from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
 from common.smoke import tiny_model
@@ -34,7 +34,7 @@ from common.smoke import tiny_model
 matplotlib.use("Agg")  # PNGs only: no display on a training box
 import matplotlib.pyplot as plt  # noqa: E402
 
-RECIPE = "gpt2_medium_qlora"
+RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "alpaca_sample.jsonl"
 # The card's prompt format as a chat template, saved with each adapter: ./run.sh chat and the GGUF's Modelfile render a
 # conversation as the model was trained (one instruction, its response, end of text).
@@ -42,8 +42,7 @@ ALPACA_CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == '
                         "{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
                         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
                         "{% endfor %}")
-SIDES = {"qlora": "NF4 base (double quantization, block 64), LoRA via Unsloth's get_peft_model",
-         "lora": "unquantized base, LoRA via PEFT's get_peft_model"}
+SIDES = {"qlora": "4-bit base, LoRA via Unsloth's get_peft_model", "lora": "16-bit base, LoRA via PEFT's get_peft_model"}
 
 
 @dataclass
@@ -54,14 +53,14 @@ class Config:
     ranks: tuple[int, ...] = (2, 4, 8, 16)  # card: the ranks compared; --ranks 2,4 runs a subset
     only: str = ""  # qlora|lora runs one side of each comparison; empty runs both
     lora_alpha: int = 16  # card: fixed, so the update's scale alpha/r shrinks as the rank grows
-    lora_dropout: float = 0.05  # card: light regularisation for 1,000 rows
+    lora_dropout: float = 0.05  # card: 0.05
     target_modules: tuple[str, ...] = ("c_attn",)  # card: GPT-2's fused Q/K/V projection (a Conv1D)
     data: str = "tatsu-lab/alpaca"  # card: Stanford Alpaca, columns instruction, input, output
     max_samples: int = 1000  # card: 1,000 training rows (0: all)
     eval_prompts: int = 16  # held out from training: both models answer and embed these
     per_device_train_batch_size: int = 4  # card: batch 4
     gradient_accumulation_steps: int = 1  # card: no accumulation
-    learning_rate: float = 2e-4  # card: the usual LoRA learning rate
+    learning_rate: float = 2e-4  # card: 2e-4
     lr_scheduler_type: str = "linear"  # the card names none: the Trainer's default, decaying to 0 at max_steps
     max_steps: int = 200  # card: 200 steps a run (800 rows seen)
     optim: str = "adamw_torch"  # card: AdamW; 32-bit on both sides, so the optimiser is not a variable of the study
@@ -99,33 +98,40 @@ def main(argv=None):
         prompts = [alpaca_prompt(r) for r in held_out]
 
         # 2. The study: every rank on both bases, one model in memory at a time, same seed, data order and steps.
+        #    Then, as the yardstick for the cosines, QLoRA once more at the largest rank with another seed.
         runs, probes, curves = [], {}, {}
         (folder.path / "metrics").mkdir()
         sides = [cfg.only] if cfg.only else list(SIDES)
-        for rank in cfg.ranks:
-            for side in sides:
-                before = free_gpu_memory()
-                set_seed(cfg.seed)
-                # Load the base through Unsloth: NF4 for QLoRA, 16-bit for the baseline; then LoRA on c_attn.
-                model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision,
-                                              load_in_4bit=side == "qlora", use_gradient_checkpointing=False)
-                tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
-                model = add_lora(model, side, rank, cfg)
-                # Train, reading the peak before generation can raise it.
-                recorder = MetricsRecorder(folder.path / "metrics" / f"{side}-r{rank}.jsonl")
-                trainer = make_trainer(model, tokenizer, train_dataset, cfg, hardware, folder, recorder,
-                                       loggers(run.report_to, folder.path / "tensorboard" / f"{side}-r{rank}"))
-                reset_peak_memory()
-                trainer.train()
-                peak = peak_memory_gib()
-                # Probe the held-out prompts, keep the adapter, and let the model go before the next run.
-                probes[side, rank] = probe(model, tokenizer, prompts, cfg.max_new_tokens)
-                adapter = folder.path / "adapters" / f"{side}-r{rank}"
-                model.save_pretrained(adapter)
-                tokenizer.save_pretrained(adapter)
-                runs.append(summarize_run(side, rank, cfg, model, trainer, recorder, peak, before, adapter, folder))
+        plan = [(side, rank, cfg.seed) for rank in cfg.ranks for side in sides]
+        plan += [("qlora", cfg.ranks[-1], cfg.seed + 1)] if "qlora" in sides else []
+        for side, rank, seed in plan:
+            name = f"{side}-r{rank}" + ("" if seed == cfg.seed else f"-seed{seed}")
+            before = free_gpu_memory()
+            set_seed(seed)
+            # Load the base through Unsloth: 4-bit for QLoRA, 16-bit for the baseline; then LoRA on c_attn.
+            model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision,
+                                          load_in_4bit=side == "qlora", use_gradient_checkpointing=False)
+            tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
+            model = add_lora(model, side, rank, cfg, seed)
+            # Train, reading the peak before generation can raise it.
+            recorder = MetricsRecorder(folder.path / "metrics" / f"{name}.jsonl")
+            trainer = make_trainer(model, tokenizer, train_dataset, cfg, seed, hardware, folder, recorder,
+                                   loggers(run.report_to, folder.path / "tensorboard" / name))
+            reset_peak_memory()
+            trainer.train()
+            peak = peak_memory_gib()
+            # Probe the held-out prompts, keep the adapter, and let the model go before the next run.
+            probes[side, rank, seed] = probe(model, tokenizer, prompts, cfg.max_new_tokens)
+            adapter = folder.path / "adapters" / name
+            model.save_pretrained(adapter)
+            tokenizer.save_pretrained(adapter)
+            summary = summarize_run(side, rank, seed, cfg, model, trainer, recorder, peak, before, adapter, folder)
+            summary["cosine_to_base"] = mean_pooled_cosine(probes[side, rank, seed][1], probes[side, rank, seed][2])
+            if seed == cfg.seed:
+                runs.append(summary)
                 curves[f"{side} r{rank}"] = recorder.records
-                del model, trainer, recorder
+            del model, trainer, recorder
+        seed_reference = seed_to_seed(probes, cfg) if "qlora" in sides else None
 
         # 3. Compare the sides rank by rank, answer the card, plot, and write results.md last.
         comparisons = [compare(rank, runs, probes, cfg) for rank in cfg.ranks] if len(sides) == 2 else []
@@ -140,11 +146,14 @@ def main(argv=None):
         # The adapter that chat and export use: the card's side (QLoRA, unless --only lora) at the optimal rank.
         kept = next(r for r in runs if r["side"] == sides[0] and r["rank"] == (card["optimal_rank"] or cfg.ranks[-1]))
         shutil.copytree(folder.path / kept["adapter"], folder.adapter)
-        folder.write_json("study.json", {"card": card, "ranks": comparisons, "runs": runs})
+        folder.write_json("study.json", {"card": card, "ranks": comparisons, "runs": runs,
+                                         "seed_reference": seed_reference})
         folder.write_json("manifest.json", manifest(RECIPE, hardware, cfg.seed, data, kept["precision"],
                                                     optimizer=runs[-1]["optimizer"], runs=runs, card=card,
-                                                    adapter_kept=kept["adapter"], load_in_4bit=kept["side"] == "qlora"))
-        folder.write_results(results_markdown(cfg, hardware, data, runs, comparisons, card), loss_curves=curves)
+                                                    seed_reference=seed_reference, adapter_kept=kept["adapter"],
+                                                    load_in_4bit=kept["side"] == "qlora"))
+        folder.write_results(results_markdown(cfg, hardware, data, runs, comparisons, card, seed_reference),
+                             loss_curves=curves)
         print(results_table(cfg, runs, comparisons))
         print(f"done: optimal rank {card['optimal_rank']}; results in {folder.path}")
         print_summary(RECIPE, folder.path, kept, curves[f"{kept['side']} r{kept['rank']}"])
@@ -159,7 +168,8 @@ def check_options(cfg, run):
         raise UserError(f"--pad-to-multiple-of {cfg.pad_to_multiple_of}: use 1 (pad each batch to its longest row) "
                         "or more, e.g. 64")
     if run.resume or run.stop_after_step:
-        raise UserError("--resume and --stop-after-step are not supported by this study (short runs); start it again")
+        raise UserError("--resume and --stop-after-step are not supported by this study: its runs are short (200 "
+                        "steps) and compared as whole runs; start it again")
 
 
 def alpaca_prompt(row: dict) -> str:
@@ -188,8 +198,8 @@ def alpaca_rows(source: str, max_samples: int, eval_prompts: int, seed: int):
                              "held_out": len(held_out), "report": report}
 
 
-def add_lora(model, side: str, rank: int, cfg):
-    """The same adapter on both sides: c_attn(x) + (alpha / r) * B A dropout(x), A drawn from cfg.seed, B zero.
+def add_lora(model, side: str, rank: int, cfg, seed: int):
+    """The same adapter on both sides: c_attn(x) + (alpha / r) * B A dropout(x), A drawn from the seed, B zero.
 
     QLoRA goes through Unsloth: loading in 4-bit turned GPT-2's Conv1D c_attn into a bitsandbytes Linear4bit, which
     Unsloth's get_peft_model accepts. The 16-bit baseline goes through PEFT directly: there c_attn stays a Conv1D, which
@@ -199,14 +209,14 @@ def add_lora(model, side: str, rank: int, cfg):
     if side == "qlora":
         return FastLanguageModel.get_peft_model(
             model, r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-            target_modules=list(cfg.target_modules), use_gradient_checkpointing=False, random_state=cfg.seed)
-    set_seed(cfg.seed)  # what Unsloth's random_state does on the QLoRA side, so both draw the same A
+            target_modules=list(cfg.target_modules), use_gradient_checkpointing=False, random_state=seed)
+    set_seed(seed)  # what Unsloth's random_state does on the QLoRA side, so both draw the same A
     return get_peft_model(model, LoraConfig(
         r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
         target_modules=list(cfg.target_modules), fan_in_fan_out=True, task_type="CAUSAL_LM"))
 
 
-def make_trainer(model, tokenizer, dataset, cfg, hardware, folder, recorder, report_to) -> SFTTrainer:
+def make_trainer(model, tokenizer, dataset, cfg, seed, hardware, folder, recorder, report_to) -> SFTTrainer:
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
@@ -227,8 +237,8 @@ def make_trainer(model, tokenizer, dataset, cfg, hardware, folder, recorder, rep
             pad_to_multiple_of=cfg.pad_to_multiple_of,
             logging_steps=1,
             save_strategy="no",  # the adapter is saved after training; no run here needs a checkpoint
-            seed=cfg.seed,
-            data_seed=cfg.seed,
+            seed=seed,
+            data_seed=cfg.seed,  # the same rows in the same order for every run, the reseeded one included
             report_to=report_to,
             **training_precision_flags(hardware.precision),
         ),
@@ -240,7 +250,8 @@ def make_trainer(model, tokenizer, dataset, cfg, hardware, folder, recorder, rep
 @torch.no_grad()
 def probe(model, tokenizer, prompts: list[str], max_new_tokens: int):
     """One trained model on the held-out prompts: greedy continuations (token ids up to and including the first
-    end-of-text) and each prompt's mean-pooled last hidden state (after GPT-2's final layer norm)."""
+    end-of-text), each prompt's mean-pooled last hidden state (after GPT-2's final layer norm), and the same with the
+    adapter off (the model's own base)."""
     FastLanguageModel.for_inference(model)
     eos = tokenizer.eos_token_id
     tokenizer.padding_side = "left"  # generation continues from each prompt's own last token
@@ -251,7 +262,9 @@ def probe(model, tokenizer, prompts: list[str], max_new_tokens: int):
     tokenizer.padding_side = "right"  # padding after a prompt leaves its positions, so its hidden states, unchanged
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     hidden = model.get_base_model().transformer(**batch).last_hidden_state  # the body, without the LM head
-    return continuations, mean_pool(hidden, batch["attention_mask"])
+    with model.disable_adapter():
+        base_hidden = model.get_base_model().transformer(**batch).last_hidden_state
+    return continuations, mean_pool(hidden, batch["attention_mask"]), mean_pool(base_hidden, batch["attention_mask"])
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -277,12 +290,20 @@ def token_match_rate(first: list[list[int]], second: list[list[int]]) -> float:
 
 def compare(rank: int, runs: list[dict], probes: dict, cfg) -> dict:
     qlora, lora = (next(r for r in runs if r["side"] == side and r["rank"] == rank) for side in SIDES)
-    (q_tokens, q_pooled), (l_tokens, l_pooled) = probes["qlora", rank], probes["lora", rank]
+    (q_tokens, q_pooled, _), (l_tokens, l_pooled, _) = probes["qlora", rank, cfg.seed], probes["lora", rank, cfg.seed]
     cosine = mean_pooled_cosine(q_pooled, l_pooled)
     memory = qlora["peak_gpu_memory_gib"], lora["peak_gpu_memory_gib"]
     return {"rank": rank, "memory_reduction_pct": None if None in memory else 100 * (1 - memory[0] / memory[1]),
             "token_match_rate": token_match_rate(q_tokens, l_tokens), "mean_pooled_cosine": cosine,
             "clears_threshold": cosine >= cfg.cosine_threshold}
+
+
+def seed_to_seed(probes: dict, cfg) -> dict:
+    """QLoRA at the largest rank against itself trained from another seed: how far apart two runs land by chance."""
+    rank, seeds = cfg.ranks[-1], [cfg.seed, cfg.seed + 1]
+    (tokens, pooled, _), (other_tokens, other_pooled, _) = (probes["qlora", rank, seed] for seed in seeds)
+    return {"rank": rank, "seeds": seeds, "mean_pooled_cosine": mean_pooled_cosine(pooled, other_pooled),
+            "token_match_rate": token_match_rate(tokens, other_tokens)}
 
 
 def card_answers(cfg, runs: list[dict], comparisons: list[dict]) -> dict:
@@ -303,10 +324,11 @@ def card_answers(cfg, runs: list[dict], comparisons: list[dict]) -> dict:
             "optimal_rank": min(fits) if fits else None, "rule": rule}
 
 
-def summarize_run(side, rank, cfg, model, trainer, recorder, peak, before, adapter, folder) -> dict:
+def summarize_run(side, rank, seed, cfg, model, trainer, recorder, peak, before, adapter, folder) -> dict:
     losses = [record["loss"] for record in recorder.records if "loss" in record]
     summary = {
-        "side": side, "rank": rank, "path": SIDES[side], "steps": trainer.state.global_step,
+        "side": side, "rank": rank, "seed": seed, "path": SIDES[side], "quantization": quantization_in_use(model),
+        "steps": trainer.state.global_step,
         "trainable_parameters": model.get_nb_trainable_parameters()[0],
         "final_loss": statistics.mean(losses[-cfg.final_loss_window:]),
         "median_step_time_s": after_warmup(recorder.step_times, cfg.timing_warmup_steps),
@@ -316,7 +338,7 @@ def summarize_run(side, rank, cfg, model, trainer, recorder, peak, before, adapt
         "train_seconds": recorder.train_seconds, "tokens_trained": recorder.tokens_seen,
         "precision": precision_of(model),
         "optimizer": optimizer_that_ran(trainer), "adapter": str(adapter.relative_to(folder.path))}
-    print(f"{side} r{rank}: final loss {summary['final_loss']:.4f}, median step "
+    print(f"{side} r{rank} (seed {seed}): final loss {summary['final_loss']:.4f}, median step "
           f"{fmt(summary['median_step_time_s'], ' s', 3)}, peak GPU memory {fmt(summary['peak_gpu_memory_gib'], ' GiB')}")
     return summary
 
@@ -374,7 +396,8 @@ def results_table(cfg, runs: list[dict], comparisons: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def results_markdown(cfg, hardware, data, runs: list[dict], comparisons: list[dict], card: dict) -> str:
+def results_markdown(cfg, hardware, data, runs: list[dict], comparisons: list[dict], card: dict,
+                     seed_reference: dict | None) -> str:
     memory, cosine, ranks = card["memory_reduction_pct"], card["cosine"], ", ".join(map(str, cfg.ranks))
     if memory:
         memory_answer = f"{memory[0]:.1f}% to {memory[1]:.1f}% less peak GPU memory over ranks {ranks}"
@@ -389,6 +412,19 @@ def results_markdown(cfg, hardware, data, runs: list[dict], comparisons: list[di
     else:
         cosine_answer = "n/a: needs both sides (--only ran one)"
     optimal = card["optimal_rank"] if card["optimal_rank"] is not None else "none"
+    quantization = next((r["quantization"] for r in runs if r["quantization"]), None)
+    qlora_base = ("4-bit base as loaded: {quant_type}, block {blocksize}, double quantization {double_quant}, "
+                  "compute {compute_dtype}".format(**quantization) if quantization else SIDES["qlora"])
+    yardstick = ["## What a cosine means here", "",
+                 "Mean-pooled cosines between GPT-2 variants sit close to 1 whatever they learned; read the card's "
+                 "against these:", "",
+                 "- each trained side against its own base (adapter off): " + ", ".join(
+                     f"{r['side']} r{r['rank']} {r['cosine_to_base']:.4f}" for r in runs)]
+    if seed_reference:
+        yardstick.append(f"- QLoRA r{seed_reference['rank']} against itself from seed {seed_reference['seeds'][1]} "
+                         f"instead of {seed_reference['seeds'][0]}: cosine {seed_reference['mean_pooled_cosine']:.4f}, "
+                         f"token match {seed_reference['token_match_rate']:.3f}. A QLoRA vs 16-bit cosine at or above "
+                         "this says quantization moves the model no more than the seed does.")
     return "\n".join([
         f"# {RECIPE}: when does 4-bit quantization preserve quality?", "",
         f"- model: {cfg.model_name}; {hardware.gpu_name or 'CPU'}, {hardware.precision}; LoRA on "
@@ -396,21 +432,21 @@ def results_markdown(cfg, hardware, data, runs: list[dict], comparisons: list[di
         f"- data: {data['source']} - {data['report']}; train {data['train']:,}, held-out prompts {data['held_out']}",
         f"- every run: seed {cfg.seed}, {cfg.max_steps} steps at batch {cfg.per_device_train_batch_size}, {cfg.optim}, "
         f"learning rate {cfg.learning_rate}, loss on the response only",
-        f"- qlora: {SIDES['qlora']}; lora: {SIDES['lora']}; both compute in {hardware.precision}", "",
+        f"- qlora: {qlora_base}; lora: {SIDES['lora']}; both compute in {runs[0]['precision']}", "",
         "## The card's table", "", "| the card asks | measured |", "|:---|:---|",
         f"| memory reduction, QLoRA vs 16-bit LoRA | {memory_answer} |",
         f"| cosine similarity vs 16-bit LoRA (threshold {cfg.cosine_threshold}) | {cosine_answer} |",
         f"| optimal rank | {optimal} ({card['rule']}) |", "",
         "## Per rank", "", results_table(cfg, runs, comparisons), "",
-        f"- peak GPU memory: torch.cuda.max_memory_allocated during training, less what was allocated before the run "
-        f"loaded its model; memory reduction = 1 - QLoRA peak / 16-bit LoRA peak",
+        "- peak GPU memory: torch.cuda.max_memory_allocated during training, less what was allocated before the run "
+        "loaded its model; memory reduction = 1 - QLoRA peak / 16-bit LoRA peak",
         f"- median step: training steps after the first {cfg.timing_warmup_steps}; final loss: mean of the last "
         f"{cfg.final_loss_window} steps' training loss",
         f"- token match: greedy continuations ({cfg.max_new_tokens} new tokens at most, up to end-of-text) of the "
         f"{data['held_out']} held-out prompts compared position by position up to the longer one; a position only one "
         "model reached counts as a mismatch",
         "- cosine: each held-out prompt's last hidden states, mean-pooled over its tokens, QLoRA against 16-bit LoRA, "
-        "averaged over prompts", "",
+        "averaged over prompts", "", *yardstick, "",
         "![peak GPU memory vs rank](memory_vs_rank.png)", "", "![cosine and token match vs rank](cosine_vs_rank.png)",
     ])
 

@@ -30,7 +30,7 @@ from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
 from common.smoke import tiny_model
 
-RECIPE = "llama31_8b_qlora"
+RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "finetome_sample.jsonl"
 
 # The card: the base model for one fixed prompt format (single-task tuning), the instruct model for multi-purpose use.
@@ -60,20 +60,20 @@ class Config:
     variant: str = "instruct"  # card: instruct (Llama 3.1 chat) for many tasks; base (plain Alpaca format) for one
     model_name: str = ""  # empty: the variant's Unsloth 4-bit checkpoint (VARIANTS); or a hub id or local folder
     load_in_4bit: bool = True  # card: QLoRA, the frozen base in 4-bit NF4 (about 5.6 GB for 8B instead of 16)
-    max_seq_length: int = 2048  # not on the card: longer conversations are dropped, not truncated
+    max_seq_length: int = 2048  # choice (not on the card): longer conversations are dropped, not truncated
     lora_r: int = 8  # card: start at rank 8; --rank-sweep replaces it by the ranks swept
     lora_alpha: int | None = None  # card: alpha = 2 x rank; None (unset) follows each rank, a number fixes it
     lora_dropout: float = 0.0  # 0 lets Unsloth use its fused LoRA kernels
     targets: str = "attention"  # card: the attention projections q,k,v,o; attention|mlp|all
     data: str = "mlabonne/FineTome-100k"  # chat data, any format common.data reads (ShareGPT, messages, Alpaca, Q&A)
-    max_samples: int = 10_000  # not on the card: 10k conversations tune a style; 0 uses every row
+    max_samples: int = 10_000  # choice (not on the card): 10k conversations tune a style; 0 uses every row
     eval_fraction: float = 0.05  # held out, seeded: the rank sweep compares ranks on this split
     per_device_train_batch_size: int = 2  # Unsloth's notebook value: fits a 16 GB T4 in 4-bit
     gradient_accumulation_steps: int = 4  # effective batch 8, as in Unsloth's notebooks
     learning_rate: float = 2e-4  # the QLoRA paper's rate for 7-13B models
     warmup_steps: int = 10  # a short linear warmup: the adapters start at zero (B = 0)
     lr_scheduler_type: str = "linear"  # linear decay after warmup, Unsloth's notebook default
-    max_steps: int = 300  # not on the card: a few hundred steps; each rank of a sweep trains all of them
+    max_steps: int = 300  # choice (not on the card): a few hundred steps; each rank of a sweep trains all of them
     optim: str = "adamw_8bit"  # 8-bit AdamW states (bitsandbytes): the adapters' optimizer in a quarter of the memory
     weight_decay: float = 0.01  # light regularisation of the adapters
     eval_steps: int = 50  # evaluate (and checkpoint) every 50 steps; the best checkpoint is kept

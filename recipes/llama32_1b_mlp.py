@@ -1,9 +1,9 @@
 """Llama-3.2-1B-Instruct, LoRA on the MLP only (attention frozen), on an organisation's own Q&A content.
 
 Card: 4-bit Llama-3.2-1B-Instruct, LoRA r16/alpha16 on gate, up and down projections; an institute's own Q&A
-(private: pass yours with --data); 60 steps at 2e-4, loss on answers. Beyond the card: held-out questions answered
+(private: --data takes yours); 60 steps at 2e-4, loss on answers. Beyond the card: held-out questions answered
 before and after training; a manifest check that only MLP modules carry adapters and attention stayed bit-identical.
-Launch: ./run.sh llama32_1b_mlp          offline check on CPU: ./run.sh llama32_1b_mlp --smoke
+Launch: ./run.sh llama32_1b_mlp --data my_qa.jsonl     offline check on CPU: ./run.sh llama32_1b_mlp --smoke
 (run.sh exports PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the card's expandable CUDA segments)
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
@@ -30,7 +30,7 @@ from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
 from common.smoke import tiny_model
 
-RECIPE = "llama32_1b_mlp"
+RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "repo_qa_sample.jsonl"
 MLP = ("gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -43,32 +43,36 @@ class Config:
     load_in_4bit: bool = True  # card: 4-bit bitsandbytes base (about 1.5 GiB while training)
     max_seq_length: int = 2048  # card: longer Q&A conversations are dropped, not truncated
     lora_r: int = 16  # card: rank 16 on the three MLP projections
-    lora_alpha: int = 16  # card: alpha = rank (scale 1)
+    lora_alpha: int = 16  # card: alpha 16, equal to the rank (scale 1)
     lora_dropout: float = 0.0  # card: 0 (also lets Unsloth use its fused LoRA kernels)
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")  # card: MLP only, attention frozen
-    data: str = str(SAMPLE_DATA)  # card's data is private: your question/answer, instruction/output or messages file
-    system_prompt: str = "You answer questions about the fine-tuning recipes repository."  # the domain; "" for none
-    chat_template: str = "llama-3.1"  # card: the model's own Llama 3.1 template
+    data: str = ""  # required: the card's data is private; your question/answer, instruction/output or messages file
+    system_prompt: str = ""  # choice: none unless given (names your domain); a row's own "system" field comes first
+    chat_template: str = "llama-3.1"  # choice: the Llama 3.1 template Llama-3.2-1B-Instruct was tuned with
     held_out_questions: int = 5  # seeded, never trained on: answered before and after training in results.md
     per_device_train_batch_size: int = 2  # card: 2 rows a step
     gradient_accumulation_steps: int = 4  # card: effective batch 8
-    learning_rate: float = 2e-4  # card: the usual LoRA rate for a short run
+    learning_rate: float = 2e-4  # card: 2e-4
     warmup_steps: int = 5  # card: 5 steps of linear warmup
     lr_scheduler_type: str = "linear"  # card: linear decay to zero at max_steps
     max_steps: int = 60  # card: 60 optimizer steps (480 conversations seen)
     optim: str = "adamw_8bit"  # card: 8-bit AdamW states (bitsandbytes) save memory
-    weight_decay: float = 0.01  # card: light decay on the adapter weights
+    weight_decay: float = 0.01  # card: 0.01
     save_steps: int = 20  # a checkpoint every 20 steps, to --resume an interrupted run
     max_new_tokens: int = 128  # length cap for the held-out answers
     seed: int = 3407  # Unsloth's customary seed: held-out split, shuffling, LoRA init
 
 
-SMOKE = dict(gradient_accumulation_steps=1, warmup_steps=2, max_steps=12, learning_rate=2e-2, save_steps=6,
+SMOKE = dict(data=str(SAMPLE_DATA), system_prompt="You answer questions about the fine-tuning recipes repository.",
+             gradient_accumulation_steps=1, warmup_steps=2, max_steps=12, learning_rate=2e-2, save_steps=6,
              held_out_questions=3, max_new_tokens=16)
 
 
 def main(argv=None):
     cfg, run = parse(Config, argv, smoke=SMOKE)
+    if not cfg.data:
+        raise UserError(f"{RECIPE} trains on your own Q&A: give --data, e.g. --data my_qa.jsonl with rows like "
+                        '{"question": "...", "answer": "..."} (the bundled sample: --data recipes/data/repo_qa_sample.jsonl)')
     hardware = detect(run.precision)
     set_seed(cfg.seed)
     folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
@@ -114,7 +118,7 @@ def main(argv=None):
                     max_steps=cfg.max_steps,
                     optim=cfg.optim,
                     weight_decay=cfg.weight_decay,
-                    eval_strategy="no",  # card: no evaluation during the run; the held-out loss is taken before and after
+                    eval_strategy="no",  # choice: a 60-step run; the held-out loss is taken before and after instead
                     save_strategy="steps",
                     save_steps=cfg.save_steps,
                     save_total_limit=1,  # the latest is all --resume needs

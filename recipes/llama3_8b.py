@@ -25,7 +25,7 @@ from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
 from common.smoke import tiny_model
 
-RECIPE = "llama3_8b"
+RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "finetome_sample.jsonl"
 
 
@@ -34,26 +34,26 @@ class Config:
     """Llama-3-8B-Instruct LoRA on FineTome-100k."""
     model_name: str = "unsloth/llama-3-8b-Instruct-bnb-4bit"  # the card's checkpoint, pre-quantized by Unsloth
     load_in_4bit: bool = True  # 4-bit bitsandbytes base: the 8B model fits a 16 GB T4
-    max_seq_length: int = 1024  # card: longer FineTome conversations are dropped, not truncated
+    max_seq_length: int = 1024  # card: 1024, with a length filter: longer conversations are dropped, not truncated
     # Unsloth 2026.10.9's GPU loader drops attn_implementation and runs its own attention (SDPA on an H100 without
     # xformers), so "eager" costs nothing there and "sdpa" gains nothing; only the CPU backend passes it to transformers.
     attn_implementation: str = "eager"  # card: eager for stability; on a GPU Unsloth runs its own attention instead
-    lora_r: int = 8  # card: small rank, the attention projections need little capacity for chat style
-    lora_alpha: int = 16  # card: alpha = 2 x rank
+    lora_r: int = 8  # card: r 8
+    lora_alpha: int = 16  # card: alpha 16
     lora_dropout: float = 0.0  # card: 0 (also lets Unsloth use its fused LoRA kernels)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # card: attention only
     data: str = "mlabonne/FineTome-100k"  # card: ShareGPT-style conversations (human/gpt) with source and score
     chat_template: str = "llama-3"  # card: the model's own Llama 3 template
     max_samples: int = 50_000  # card: 50k of the 100k conversations
     eval_fraction: float = 0.2  # card: 80% train / 20% eval, seeded
-    per_device_train_batch_size: int = 2  # card: 2 rows a step fit a T4 at 1024 tokens
+    per_device_train_batch_size: int = 2  # card: batch 2
     gradient_accumulation_steps: int = 8  # card: effective batch 16
-    learning_rate: float = 1e-4  # card: half the usual 2e-4, for a long 700-step run
+    learning_rate: float = 1e-4  # card: 1e-4
     warmup_steps: int = 100  # card: 100 steps of linear warmup
     lr_scheduler_type: str = "cosine"  # card: cosine decay after warmup
     max_steps: int = 700  # card: 700 optimizer steps (11,200 conversations seen)
     optim: str = "adamw_8bit"  # card: 8-bit AdamW states (bitsandbytes) save memory
-    weight_decay: float = 0.0  # card: none
+    weight_decay: float = 0.0  # choice: the card names none; Unsloth's notebooks use 0.01, a negligible difference
     eval_steps: int = 100  # card: evaluate (and checkpoint) every 100 steps
     per_device_eval_batch_size: int = 2  # same rows per forward as training: eval needs no extra memory
     max_eval_samples: int = 500  # eval loss on 500 held-out conversations: 10k would cost more time than training

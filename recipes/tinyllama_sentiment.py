@@ -13,7 +13,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from datasets import Dataset
 from sklearn.dummy import DummyClassifier
@@ -29,12 +28,12 @@ from common.config import parse
 from common.data import drop_too_long, read_rows, split_train_eval
 from common.errors import UserError, run_main
 from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
-from common.model import load_model
+from common.model import load_model, quantization_in_use
 from common.outputs import RunFolder, manifest, optimizer_that_ran
 from common.report import loggers, print_summary
 from common.smoke import tiny_model
 
-RECIPE = "tinyllama_sentiment"
+RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "tweet_sentiment_sample.jsonl"
 LABELS = ("negative", "neutral", "positive")  # tweet_eval's label ids 0, 1, 2, in that order
 SPLITS = ("train", "validation", "test")
@@ -322,15 +321,6 @@ def majority_baseline(train_rows: list[dict], test_rows: list[dict]) -> dict:
     dummy = DummyClassifier(strategy="most_frequent").fit([[0]] * len(train_rows), [r["label"] for r in train_rows])
     predicted = dummy.predict([[0]] * len(test_rows)).tolist()
     return {"class": LABELS[predicted[0]], **classification_metrics([r["label"] for r in test_rows], predicted)}
-
-
-def quantization_in_use(model) -> dict | None:
-    """What the loaded 4-bit layers really use, read from bitsandbytes (None when the base was not quantized)."""
-    layer = next((m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)), None)
-    if layer is None:
-        return None
-    state = layer.weight.quant_state
-    return {"quant_type": state.quant_type, "double_quant": state.nested, "compute_dtype": str(layer.compute_dtype)}
 
 
 def results_markdown(cfg, data, metrics, throughput) -> str:

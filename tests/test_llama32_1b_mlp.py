@@ -50,7 +50,9 @@ def test_smoke_run_writes_every_output_with_the_card_settings(smoke_run):
     settings = json.loads((folder / "config.json").read_text())["hyperparameters"]
     assert (settings["lr_scheduler_type"], settings["weight_decay"], settings["max_seq_length"]) == ("linear", 0.01, 2048)
     assert manifest["precision"] == cpu_training_precision() and manifest["precision_requested"] == "fp32" and manifest["seed"] == 3407 and len(manifest["data"]["sha256"]) == 64
-    assert (manifest["data"]["kept"], manifest["data"]["train"], manifest["data"]["eval"]) == (54, 51, 3)
+    sample = read_jsonl(SAMPLE)  # every row of the bundled sample is a usable Q&A pair: none dropped
+    assert (manifest["data"]["rows"], manifest["data"]["kept"]) == (len(sample), len(sample))
+    assert (manifest["data"]["train"], manifest["data"]["eval"]) == (len(sample) - 3, 3)  # smoke: 3 held out
     assert [step for step, _ in train_losses(folder)] == list(range(1, 13))  # smoke: 12 steps, logged every step
 
 
@@ -74,8 +76,10 @@ def test_attention_weights_are_bit_identical_after_training(smoke_run):
 def test_held_out_questions_answered_before_and_after(smoke_run):
     folder, manifest = smoke_run
     assert manifest["held_out_loss_after"] < manifest["held_out_loss_before"]
-    sample_questions = {json.loads(line)["question"] for line in SAMPLE.read_text().splitlines()}
-    assert set(manifest["held_out_questions"]) <= sample_questions
+    # the last 3 of the sample's rows after the seeded shuffle (seed 3407)
+    assert manifest["held_out_questions"] == ["Can I keep my settings in a file instead of flags?",
+                                              "Which data formats can --data read?",
+                                              "Does a smoke run need the internet or a GPU?"]
     results = (folder / "results.md").read_text()
     assert "| question | reference answer | before | after |" in results
     rows = [line for line in results.splitlines() if line.startswith("| ") and not line.startswith("| question")]
@@ -96,11 +100,12 @@ def test_qa_alpaca_and_messages_rows_map_to_the_same_conversations(recipe, token
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in pairs])
     messages = write_jsonl(tmp_path / "messages.jsonl", [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs])
-    splits = [recipe.domain_conversations(recipe.Config(data=source, held_out_questions=3), tokenizer)
-              for source in (qa, alpaca, messages)]
+    domain = "You answer questions about flags."
+    splits = [recipe.domain_conversations(recipe.Config(data=source, held_out_questions=3, system_prompt=domain),
+                                          tokenizer) for source in (qa, alpaca, messages)]
     assert splits[0][:2] == splits[1][:2] == splits[2][:2]
     train, held_out, data = splits[0]
-    system = {"role": "system", "content": recipe.Config.system_prompt}
+    system = {"role": "system", "content": domain}
     expected = [[system, {"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
     assert sorted(map(str, train + held_out)) == sorted(map(str, expected))
     assert (len(train), len(held_out), data["train"], data["eval"]) == (9, 3, 9, 3)
@@ -111,12 +116,13 @@ def test_held_out_split_is_seeded_and_system_prompt_optional(recipe, tokenizer, 
     rows = [{"question": f"Question {i}?", "answer": f"Answer {i}."} for i in range(20)]
     rows[0]["system"] = "A row's own system prompt."
     source = write_jsonl(tmp_path / "qa.jsonl", rows)
-    first = recipe.domain_conversations(recipe.Config(data=source), tokenizer)
-    assert recipe.domain_conversations(recipe.Config(data=source), tokenizer)[:2] == first[:2]
+    first = recipe.domain_conversations(recipe.Config(data=source, system_prompt="Domain."), tokenizer)
+    assert recipe.domain_conversations(recipe.Config(data=source, system_prompt="Domain."), tokenizer)[:2] == first[:2]
     assert recipe.domain_conversations(recipe.Config(data=source, seed=1), tokenizer)[1] != first[1]
     conversations = first[0] + first[1]
     own = [c for c in conversations if c[1]["content"] == "Question 0?"][0]
     assert own[0] == {"role": "system", "content": "A row's own system prompt."}  # the row's own wins
+    assert sum(c[0] == {"role": "system", "content": "Domain."} for c in conversations) == 19
     train, held_out, _ = recipe.domain_conversations(recipe.Config(data=source, system_prompt=""), tokenizer)
     with_system = [c for c in train + held_out if c[0]["role"] == "system"]
     assert len(train + held_out) == 20 and [c[1]["content"] for c in with_system] == ["Question 0?"]
@@ -124,6 +130,9 @@ def test_held_out_split_is_seeded_and_system_prompt_optional(recipe, tokenizer, 
 
 def test_data_mistakes_are_one_line_user_errors(recipe, tokenizer, tmp_path):
     from common.errors import UserError
+    with pytest.raises(UserError, match=r"give --data, e\.g\. --data my_qa\.jsonl with rows like"):
+        recipe.main(["--output-dir", str(tmp_path / "outputs")])  # the card's data is private: there is no default
+    assert not (tmp_path / "outputs").exists()
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "Q?", "reply": "A."}] * 4)
     with pytest.raises(UserError, match=r"wrong\.jsonl: no supported format; found columns \['prompt', 'reply'\]"):
         recipe.domain_conversations(recipe.Config(data=wrong), tokenizer)
