@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); run with -m gpu")
+    config.addinivalue_line("markers", "slow: a GPU test kept out of the 10-minute set; run with -m \"gpu and slow\"")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,6 +36,7 @@ def run_recipe_process(recipe: str, *args: str, output_dir: Path, timeout: int =
 def cpu_training_precision() -> str:
     """What Unsloth's CPU backend computes in here: bf16 on a CPU with bf16 hardware (or UNSLOTH_CPU_BF16=1), else fp32,
     whatever the run asked for."""
+    import unsloth  # noqa: F401  (unsloth_zoo refuses to import before unsloth, in a test module that has not)
     from unsloth_zoo.cpu.runtime import cpu_bf16_supported
     return "bf16" if cpu_bf16_supported() else "fp32"
 

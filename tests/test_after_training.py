@@ -86,7 +86,7 @@ def test_merged16_reproduces_base_plus_adapter_logits(exported_run):
 
 
 @torch.no_grad()
-def test_gguf_f16_runs_in_llama_cpp_as_the_merged_model_and_q8_0_generates(exported_run):
+def test_gguf_f16_runs_in_llama_cpp_as_the_merged_model_and_q8_0_holds_the_adapter(exported_run):
     import llama_cpp
     merged_dir = exported_run / "export" / "merged16"
     files = {path.name.rsplit("-", 1)[1] for path in (exported_run / "export" / "gguf").glob("*.gguf")}
@@ -112,13 +112,23 @@ def test_gguf_f16_runs_in_llama_cpp_as_the_merged_model_and_q8_0_generates(expor
             assert cpp_greedy == hf_greedy
     finally:
         f16.close()
+    # q8_0 rounds weights (and, in llama.cpp, activations) to 8 bits, too coarse for a fixed tolerance to the merged
+    # model; but its logits must lie nearer the merged model's than the base model's: the adapter is in the file. (On
+    # the smoke runs: about 0.001 from the merged model, 0.004 to 0.17 from the base, averaged over the logits.)
+    base = AutoModelForCausalLM.from_pretrained(exported_run / "smoke-base", dtype=torch.float32)
     q8 = llama_cpp.Llama(model_path=str(next((exported_run / "export" / "gguf").glob("*-q8_0.gguf"))), n_ctx=256,
-                         verbose=False)
+                         logits_all=True, verbose=False)
     try:
-        generated = [token for token, _ in zip(q8.generate(token_ids(tokenizer, PROMPTS[0]), top_k=1, temp=0.0), range(8))]
+        for prompt in PROMPTS:
+            ids = token_ids(tokenizer, prompt)
+            q8.reset()
+            q8.eval(ids)
+            q8_logits = np.array(q8.scores[:len(ids)])
+            to_merged = np.abs(q8_logits - merged(torch.tensor([ids])).logits[0].numpy()).mean()
+            to_base = np.abs(q8_logits - base(torch.tensor([ids])).logits[0].numpy()).mean()
+            assert to_merged < to_base, f"q8_0: {to_merged:.5f} from the merged model, {to_base:.5f} from the base"
     finally:
         q8.close()
-    assert len(generated) == 8 and all(0 <= token < len(tokenizer) for token in generated)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import cpu_training_precision, read_jsonl, run_folders, run_recipe_process, run_to_completion
+from tests.conftest import REPO, cpu_training_precision, read_jsonl, run_folders, run_recipe_process, run_to_completion
+
+SAMPLE_DATA = REPO / "recipes" / "data" / "finetome_sample.jsonl"  # the smoke run's data
 
 
 def read_metrics(folder):
@@ -45,10 +47,16 @@ def test_smoke_run_writes_every_output(smoke_run):
 def test_split_is_80_20_of_what_was_kept(smoke_run):
     folder, result = smoke_run
     data = json.loads((folder / "manifest.json").read_text())["data"]
-    assert data["rows"] == 43 and data["kept"] == 38  # the sample's five unusable rows are dropped
+    sample = read_jsonl(SAMPLE_DATA)
+    # The sample marks its deliberately unusable rows "source": "messy" (its repairable ones "messy-repairable"): lines
+    # 37 and 38 are empty conversations, 39 has a "narrator" role, 42 has no reply, 43 is a string, not a list.
+    unusable = [line for line, row in enumerate(sample, 1) if row["source"] == "messy"]
+    assert unusable == [37, 38, 39, 42, 43]
+    kept = len(sample) - len(unusable)
+    assert (data["rows"], data["kept"]) == (len(sample), kept)
     assert data["dropped"] == {"empty": 2, "bad roles": 1, "no reply": 1, "malformed": 1, "too long": 0}
-    assert (data["train"], data["eval"]) == (30, 8)
-    assert "kept 38 / 43; dropped: empty 2, bad roles 1, no reply 1, malformed 1" in result.stdout
+    assert kept == 38 and (data["train"], data["eval"]) == (30, 8)  # 20% of 38 is 7.6: 8 held out
+    assert f"kept {kept} / {len(sample)}; dropped: empty 2, bad roles 1, no reply 1, malformed 1" in result.stdout
 
 
 def test_evaluates_every_eval_steps_with_moving_average(smoke_run):
@@ -61,6 +69,24 @@ def test_evaluates_every_eval_steps_with_moving_average(smoke_run):
     results = (folder / "results.md").read_text()
     assert f"| 12 | {losses[2]:.4f} | {expected[2]:.4f} |" in results
     assert "## Held-out prompts" in results
+
+
+def test_moving_average_is_over_the_last_three_evaluations():
+    # The smoke run has three evaluations, where a window of 3 and the mean of all evaluations agree: here the fourth
+    # tells them apart ((2 + 3 + 1) / 3 = 2, not (4 + 2 + 3 + 1) / 4 = 2.5).
+    from common.callbacks import MovingAverageEvalLoss
+    average = MovingAverageEvalLoss(window=3)
+    logged = [{"eval_loss": loss} for loss in (4.0, 2.0, 3.0, 1.0)]
+    for logs in logged:
+        average.on_log(None, None, None, logs=logs)
+    assert [logs["eval_loss_moving_avg"] for logs in logged] == [4.0, 3.0, 3.0, 2.0]
+    train_log = {"loss": 5.0}
+    average.on_log(None, None, None, logs=train_log)
+    assert train_log == {"loss": 5.0}  # a training log gets no average and does not enter the window
+    resumed = MovingAverageEvalLoss(window=3, history=[4.0, 2.0])  # a resumed run starts from the evaluations kept
+    logs = {"eval_loss": 6.0}
+    resumed.on_log(None, None, None, logs=logs)
+    assert logs["eval_loss_moving_avg"] == 4.0
 
 
 def test_same_seed_gives_identical_losses(smoke_run, tmp_path):

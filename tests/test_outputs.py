@@ -74,7 +74,16 @@ def test_config_and_manifest_record_what_reproduces_the_run(tmp_path):
     assert record["gpu"] == "NVIDIA H100" and record["seed"] == 7
     assert record["precision"] == "bf16" and record["precision_requested"] == "fp32"
     assert record["data"]["sha256"] == hashlib.sha256(b"{}\n").hexdigest()
-    assert record["packages"]["transformers"] == package_versions()["transformers"] == "5.17.0"
+    # The versions of the packages this process imported, as they report themselves (not read from the installed
+    # metadata, as the manifest reads them): no version pinned here, any installed one passes if recorded correctly.
+    import sys
+
+    import torch
+    import transformers
+    assert record["packages"] == package_versions()
+    assert record["packages"]["transformers"] == transformers.__version__
+    assert record["packages"]["torch"] == torch.__version__
+    assert record["packages"]["python"] == "{}.{}.{}".format(*sys.version_info[:3])
 
 
 def test_report_to_checks_each_logger_and_sends_tensorboard_into_the_run(tmp_path, monkeypatch):

@@ -115,7 +115,9 @@ def test_smoke_run_writes_every_output(smoke_run):
     losses = [r for r in read_jsonl(folder / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in losses] == list(range(1, 13))
     assert [r["step"] for r in read_jsonl(folder / "metrics.jsonl") if "eval_loss" in r] == [6, 12]
-    assert "labels: train {'negative': 39, 'neutral': 55, 'positive': 46}" in result.stdout
+    counts = {word: sum(r["label"] == i and r["split"] == "train" for r in read_jsonl(SAMPLE))
+              for i, word in enumerate(LABELS)}  # the bundled sample's train split, counted from the file
+    assert f"labels: train {counts}" in result.stdout
 
 
 def test_smoke_metrics_are_scikit_learns_on_the_written_predictions(smoke_run):
@@ -126,18 +128,31 @@ def test_smoke_metrics_are_scikit_learns_on_the_written_predictions(smoke_run):
     assert [p["label"] for p in predictions] == test  # every test tweet, in order
     metrics = json.loads((folder / "metrics.json").read_text())
     for name in ("zero_shot", "fine_tuned"):
-        assert {p[name] for p in predictions} <= set(LABELS)
-        expected = f1_score(test, [p[name] for p in predictions], labels=list(LABELS), average="macro", zero_division=0)
+        predicted = [p[name] for p in predictions]
+        expected = f1_score(test, predicted, labels=list(LABELS), average="macro", zero_division=0)
         assert metrics[name]["constrained"]["macro_f1"] == pytest.approx(expected, abs=1e-12)
-        assert sum(f"{name}_reply" in p for p in predictions) == metrics[name]["free_generation"]["rows"] == 8
-        assert sum(map(sum, metrics[name]["constrained"]["confusion_matrix"])) == len(test) == 57
-    majority = f1_score(test, ["neutral"] * len(test), labels=list(LABELS), average="macro", zero_division=0)
+        # The confusion matrix counted by hand from the written predictions (an unknown label would be in no cell).
+        counted = [[sum(t == truth and p == guess for t, p in zip(test, predicted)) for guess in LABELS]
+                   for truth in LABELS]
+        assert metrics[name]["constrained"]["confusion_matrix"] == counted and sum(map(sum, counted)) == len(test)
+        # smoke: --generation-samples 8, so the first 8 test tweets are also answered freely
+        assert [f"{name}_reply" in p for p in predictions] == [True] * 8 + [False] * (len(test) - 8)
+        assert metrics[name]["free_generation"]["rows"] == 8
+    # The sample's train split has more neutral tweets than either other class (test_smoke_run_writes_every_output
+    # reads the counts from the file), so the baseline always says neutral: on the test split its neutral precision is
+    # n/N and recall 1, so its F1 is 2n/(n + N), and the other two classes score 0.
+    train = [LABELS[r["label"]] for r in rows if r["split"] == "train"]
+    assert train.count("neutral") > max(train.count("negative"), train.count("positive"))
+    counts = {word: test.count(word) for word in LABELS}
+    n, total = counts["neutral"], len(test)
     assert metrics["majority_baseline"]["class"] == "neutral"
-    assert metrics["majority_baseline"]["macro_f1"] == pytest.approx(majority)
+    assert metrics["majority_baseline"]["macro_f1"] == pytest.approx(2 * n / (n + total) / 3)
+    assert metrics["majority_baseline"]["accuracy"] == pytest.approx(n / total)
     results = (folder / "results.md").read_text()
-    assert f"| always 'neutral' (majority class) | {majority:.4f} | {25 / 57:.4f} |" in results
+    assert f"| always 'neutral' (majority class) | {2 * n / (n + total) / 3:.4f} | {n / total:.4f} |" in results
     assert f"| fine-tuned | {metrics['fine_tuned']['constrained']['macro_f1']:.4f} |" in results
-    assert "| test | 16 | 25 | 16 |" in results and "## Free greedy generation" in results
+    assert f"| test | {counts['negative']} | {counts['neutral']} | {counts['positive']} |" in results
+    assert "## Free greedy generation" in results
 
 
 def test_loss_is_on_the_answer_only(recipe, tiny, tmp_path):
@@ -179,14 +194,28 @@ def test_constrained_choice_scores_each_answer_as_trained(recipe, tiny):
     assert scores[0, 2].item() == pytest.approx(expected, abs=1e-4)
 
 
-def test_every_row_gets_a_valid_label(recipe, tiny):
+def test_every_row_gets_the_label_it_scores_highest(recipe, tiny, monkeypatch):
     model, tokenizer = tiny
-    rows = [{"text": text, "label": i % 3} for i, text in enumerate(["Great!", "meh", "awful", "🙂", "ok ok ok"])]
+    texts = ["Great!", "meh", "awful", "🙂", "ok ok ok"]
+    rows = [{"text": text, "label": i % 3} for i, text in enumerate(texts)]  # neg, neutral, pos, neg, neutral
+    # Scores made up so that each tweet's best label is known: positive, neutral, positive, negative, negative.
+    made_up = {"Great!": [-3.0, -2.0, -1.0], "meh": [-2.0, -0.5, -4.0], "awful": [-9.0, -8.0, -7.0],
+               "🙂": [-0.1, -0.2, -0.3], "ok ok ok": [-1.0, -1.5, -1.2]}
+    batches = []
+
+    def label_log_likelihoods(model_, tokenizer_, batch_texts, batch_size):
+        batches.append(list(batch_texts))
+        return torch.tensor([made_up[text] for text in batch_texts])
+    monkeypatch.setattr(recipe, "label_log_likelihoods", label_log_likelihoods)
     cfg = SimpleNamespace(score_batch_size=2, generation_samples=2, max_new_tokens=3)
     metrics, per_row = recipe.evaluate(model, tokenizer, rows, cfg, "zero_shot")
+    assert batches == [texts]  # every row scored, in order
+    assert [row["zero_shot"] for row in per_row] == ["positive", "neutral", "positive", "negative", "negative"]
     assert [set(row) for row in per_row] == [{"zero_shot", "zero_shot_reply"}] * 2 + [{"zero_shot"}] * 3
-    assert all(row["zero_shot"] in LABELS for row in per_row)
-    assert sum(c["support"] for c in metrics["constrained"]["per_class"].values()) == 5
+    # By hand: right on rows 2, 3 and 4 of 5; negative P 1/2 R 1/2, neutral P 1 R 1/2, positive P 1/2 R 1.
+    assert metrics["constrained"]["accuracy"] == pytest.approx(3 / 5)
+    assert metrics["constrained"]["confusion_matrix"] == [[1, 0, 1], [1, 1, 0], [0, 0, 1]]
+    assert metrics["constrained"]["macro_f1"] == pytest.approx((1 / 2 + 2 / 3 + 2 / 3) / 3)
     assert metrics["free_generation"]["rows"] == 2
 
 
@@ -269,4 +298,5 @@ def test_tiny_model_learns_a_learnable_task_and_same_seed_gives_same_f1(tmp_path
     assert first == second  # every number, to the last digit
     assert read_jsonl(folders[0] / "predictions.jsonl") == read_jsonl(folders[1] / "predictions.jsonl")
     data_summary = json.loads((folders[0] / "manifest.json").read_text())["data"]
+    # write_learnable_data's 180 train tweets cycle negative, neutral, neutral, positive: 45, 90, 45; --balance keeps 45
     assert data_summary["balance"] == "downsampled to 45 per class" and data_summary["train"] == 135
