@@ -1,4 +1,4 @@
-"""llama32_1b_mlp on an H100 through Unsloth: a random-init model of Llama-3.2-1B's exact shape trains 20 of the card's
+"""llama32_1b_mlp through Unsloth, in bf16 and in fp16 under a T4's 15 GiB: a random-init model of Llama-3.2-1B's exact shape trains 20 of the card's
 60 steps (batch 2 x accumulation 4, LoRA r16 on the MLP, sequence length 2048, 4-bit), saves and reloads the adapter and
 answers a held-out question. The sample Q&A rows are short, so each row's answer is grown from the sample's answers
 to nearly 2048 tokens: a step then carries about the card's 8 x 2048 tokens, and tokens/s compares with raw Unsloth."""
@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from common.hardware import torch_dtype
+from tests.gpu.conftest import assert_reload_reproduces_training
+
 SAMPLE = Path(__file__).resolve().parents[2] / "recipes" / "data" / "repo_qa_sample.jsonl"
 ROW_TOKENS = 2000  # chat-templated length of each grown row: close to, and within, max_seq_length 2048
+SYSTEM_PROMPT = "You answer questions about the fine-tuning recipes repository."
 
 
 def grown_rows(tokenizer, system_prompt: str) -> tuple[list[dict], list[int]]:
@@ -34,20 +38,21 @@ def grown_rows(tokenizer, system_prompt: str) -> tuple[list[dict], list[int]]:
 
 
 @pytest.mark.gpu
-def test_llama32_1b_mlp_real_shape_trains_the_card_and_reloads(real_shape_model, run_recipe, tmp_path):
+def test_llama32_1b_mlp_real_shape_trains_the_card_and_reloads(real_shape_model, run_recipe, logits_at_save, precision,
+                                                                tmp_path):
     from transformers import AutoTokenizer
     from common.chat import set_chat_template
     from recipes.llama32_1b_mlp import Config
 
     base = real_shape_model("llama-3.2-1b")
     tokenizer = set_chat_template(AutoTokenizer.from_pretrained(base), Config.chat_template)
-    rows, lengths = grown_rows(tokenizer, Config.system_prompt)
+    rows, lengths = grown_rows(tokenizer, SYSTEM_PROMPT)
     data = tmp_path / "grown_qa.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     import torch
     left_by_earlier_tests = torch.cuda.memory_allocated() / 2**30  # the suite runs recipes in one process
-    folder = run_recipe("llama32_1b_mlp", "--model-name", base, "--data", str(data), "--max-steps", "20",
+    folder = run_recipe("llama32_1b_mlp", "--model-name", base, "--data", str(data), "--system-prompt", SYSTEM_PROMPT, "--max-steps", "20",
                         "--save-steps", "20", "--max-new-tokens", "32")
     manifest = json.loads((folder / "manifest.json").read_text())
     print(f"\nllama32_1b_mlp on {manifest['gpu']} ({manifest['precision']}): 20 steps of 8 rows, rows of "
@@ -56,7 +61,7 @@ def test_llama32_1b_mlp_real_shape_trains_the_card_and_reloads(real_shape_model,
           f"{manifest['peak_gpu_memory_gib']:.2f} GiB ({left_by_earlier_tests:.2f} GiB of it left by earlier tests); "
           f"held-out loss {manifest['held_out_loss_before']:.3f} -> "
           f"{manifest['held_out_loss_after']:.3f}; optimizer {manifest['optimizer']}")
-    assert manifest["precision"] == "bf16" and "8bit" in manifest["optimizer"]
+    assert "8bit" in manifest["optimizer"]
     assert manifest["data"]["kept"] == len(rows) and manifest["data"]["train"] == len(rows) - Config.held_out_questions
     steps = [r["step"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps[-1] == 20
@@ -71,11 +76,7 @@ def test_llama32_1b_mlp_real_shape_trains_the_card_and_reloads(real_shape_model,
     assert all(f"| {question} | " in results for question in manifest["held_out_questions"])
 
     from unsloth import FastLanguageModel
-    model, reloaded = FastLanguageModel.from_pretrained(str(folder / "adapter"), max_seq_length=2048, load_in_4bit=True)
+    model, _ = FastLanguageModel.from_pretrained(str(folder / "adapter"), max_seq_length=2048, load_in_4bit=True,
+                                                 dtype=torch_dtype(precision))
     FastLanguageModel.for_inference(model)
-    question = [{"role": "system", "content": Config.system_prompt},
-                {"role": "user", "content": manifest["held_out_questions"][0]}]
-    inputs = reloaded.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt",
-                                          return_dict=True).to("cuda")
-    output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    assert output.shape[1] > inputs["input_ids"].shape[1]
+    assert_reload_reproduces_training(model, logits_at_save[(folder / "adapter").resolve()])
