@@ -7,8 +7,8 @@ other: the recipe itself (`python -m recipes.<name>` on a random-init model of i
 tests/gpu/conftest.py), bench/plain_sft.py and bench/unsloth_sft.py (raw Unsloth) with the same shape, LoRA, batch,
 accumulation, sequence length, precision and optimiser, read from the recipe's own Config. Every side is timed by
 common.callbacks.MetricsRecorder and summarised by the same arithmetic, warm-up steps left out. Results merge into
-bench/results.json (kept in git, so a run of some recipes keeps the others' rows); BENCHMARKS.md is regenerated from
-every result there. Models, data, run folders and logs go to bench/out.
+bench/results.json (kept in git, so a run of some recipes keeps the others' rows; its paths are relative to the
+repository root); BENCHMARKS.md is regenerated from every result there. Models, data, run folders and logs: bench/out.
 
   python -m bench.benchmark                                        # every recipe, both regimes
   python -m bench.benchmark --recipes llama3_8b,llama31_8b_qlora   # a subset; merges with the results already there
@@ -19,6 +19,7 @@ every result there. Models, data, run folders and logs go to bench/out.
 import argparse
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -72,10 +73,11 @@ RECIPES = {
     "llama31_8b_qlora": Bench("llama-3.1-8b", "messages", 8,
                               dict(eval_steps=AT_LAST_STEP, max_eval_samples=2, sample_prompts=0, max_new_tokens=1)),
 }
-# The issue's targets: raw Unsloth over the plain script on an H100, fixed-length rows: (tokens/s ratio, memory ratio).
+# The repository's targets on fixed-length rows, (tokens/s ratio, memory ratio) over the plain script: what raw Unsloth
+# reached against a plain transformers + PEFT + bitsandbytes script on an H100.
 TARGETS = {"llama-3-8b": (1.59, 0.65), "llama-3.1-8b": (1.59, 0.65), "tinyllama-1.1b": (1.41, 0.53),
            "llama-3.2-1b": (1.07, 0.51), "gpt2-medium": (1.66, 0.47)}
-CHAT_SPEEDUP = 2.0  # the issue: on variable-length chat rows, at least 2x the padded plain script's tokens/s
+CHAT_SPEEDUP = 2.0  # the repository's target on variable-length chat rows, over the padded plain script's tokens/s
 NO_OVERHEAD = 0.95  # a recipe at this share of raw Unsloth's tokens/s or more adds nothing beyond run-to-run noise
 SMOKE_FLAGS = dict(max_seq_length=256, per_device_train_batch_size=2, gradient_accumulation_steps=1)  # CPU-sized
 
@@ -185,14 +187,21 @@ def write_data(name: str, bench: Bench, module, cfg, tokenizer, regimes, steps: 
             rows += [{**rows[0], "split": "validation"}, {**rows[1], "split": "test"}]
         recipe_file = folder / f"{name}-{regime}.jsonl"
         write_jsonl(recipe_file, rows)
-        written[regime] = {"recipe_file": str(recipe_file), "plain_file": str(plain_file), "rows": len(lengths),
-                           "tokens_min": min(lengths), "tokens_mean": statistics.mean(lengths),
+        written[regime] = {"recipe_file": relative(recipe_file), "plain_file": relative(plain_file),
+                           "rows": len(lengths), "tokens_min": min(lengths), "tokens_mean": statistics.mean(lengths),
                            "tokens_max": max(lengths)}
     return written
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def relative(path) -> str:
+    """A path as results.json stores it: relative to the repository root, so the file reads the same on any machine
+    (a work dir outside the repository gets a ../ path)."""
+    return os.path.relpath(path, REPO)
+
+
+def read_jsonl(path) -> list[dict]:
+    """A JSONL file; a relative path is read from the repository root, as results.json stores it."""
+    return [json.loads(line) for line in (REPO / path).read_text().splitlines() if line.strip()]
 
 
 def write_jsonl(path: Path, rows: list[dict]):
@@ -288,10 +297,10 @@ def run_logged(command: list[str], log: Path, timeout: int) -> tuple[int | None,
 
 def failure(log: Path, code: int | None) -> str:
     if code is None:
-        return f"timed out (log: {log})"
+        return f"timed out (log: {relative(log)})"
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     reason = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "no output")
-    return f"exit {code}: {reason.strip()[:240]} (log: {log})"
+    return f"exit {code}: {reason.strip()[:240]} (log: {relative(log)})"
 
 
 def timed_metrics(records: list[dict], warmup: int) -> dict:
@@ -318,16 +327,16 @@ def run_recipe_side(name: str, bench: Bench, flags: list[str], model: str, data:
     code, wall = run_logged(command, log, timeout)
     created = sorted(set((runs / name).glob("*")) - before)
     if code != 0 or not created or not (created[-1] / "results.md").exists():
-        return {"error": failure(log, code), "wall_s": wall, "log": str(log)}
+        return {"error": failure(log, code), "wall_s": wall, "log": relative(log)}
     folder = created[-1]
     metrics = next(folder.glob(bench.metrics), None)
     if metrics is None:
-        return {"error": f"no {bench.metrics} in {folder}: update the metrics glob of RECIPES['{name}']",
-                "wall_s": wall, "log": str(log)}
+        return {"error": f"no {bench.metrics} in {relative(folder)}: update the metrics glob of RECIPES['{name}']",
+                "wall_s": wall, "log": relative(log)}
     manifest = json.loads((folder / "manifest.json").read_text())
     logged = log.read_text(errors="replace")
-    return {**timed_metrics(read_jsonl(metrics), warmup), "wall_s": wall, "log": str(log),
-            "run_folder": str(folder), "optimizer": manifest.get("optimizer"),
+    return {**timed_metrics(read_jsonl(metrics), warmup), "wall_s": wall, "log": relative(log),
+            "run_folder": relative(folder), "optimizer": manifest.get("optimizer"),
             "batching": batching_logged(logged),
             "manifest": {key: manifest.get(key) for key in ("median_step_time_s", "tokens_per_s",
                                                             "peak_gpu_memory_gib")}}
@@ -373,11 +382,11 @@ def run_reference_side(side: str, name: str, settings: dict, model: str, data: d
     for regime, entry in data.items():
         folder = out / Path(entry["plain_file"]).stem
         if code != 0 or not (folder / "result.json").exists():
-            sides[regime] = {"error": failure(log, code), "wall_s": wall, "log": str(log)}
+            sides[regime] = {"error": failure(log, code), "wall_s": wall, "log": relative(log)}
             continue
         result = json.loads((folder / "result.json").read_text())
         sides[regime] = {**timed_metrics(read_jsonl(folder / "metrics.jsonl"), warmup), "wall_s": wall,
-                         "log": str(log), "optimizer": result["optimizer"]}
+                         "log": relative(log), "optimizer": result["optimizer"]}
         if side == "plain":
             sides[regime]["padding_fraction"] = result["padding_fraction"]
         else:  # Unsloth prints its batching choice
@@ -425,6 +434,40 @@ def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: st
     return results
 
 
+def recorded_command(argv: list[str]) -> str:
+    """The command line as results.json keeps it: an absolute path in it (--work-dir, --out) relative to the repository
+    root, like every other path there."""
+    words = []
+    for word in argv:
+        option, equals, value = word.partition("=")
+        if equals and os.path.isabs(value):
+            word = f"{option}={relative(value)}"
+        elif os.path.isabs(word):
+            word = relative(word)
+        words.append(word)
+    return " ".join(["python -m bench.benchmark", *words])
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version (None without a GPU): torch reports the CUDA runtime it was built with, not this."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    try:
+        queried = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return queried[0] if queried else None
+
+
+def installed(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def side_line(side: dict) -> str:
     if "error" in side:
         return f"FAILED {side['error']}"
@@ -444,7 +487,7 @@ def mfu(parameters: int, tokens_per_s: float | None, peak_flops: float | None) -
 
 
 def verdict(regime: str, shape: str, speed: float | None, memory: float | None) -> str:
-    """pass / FAIL against the issue's targets; n/a when a number is missing (a failed side, no GPU memory on CPU)."""
+    """pass / FAIL against TARGETS and CHAT_SPEEDUP; n/a when a number is missing (a failed side, no memory on CPU)."""
     if regime == "chat":
         return "n/a" if speed is None else "pass" if speed >= CHAT_SPEEDUP else "FAIL"
     if speed is None or memory is None:
@@ -505,7 +548,7 @@ def table(runs: dict) -> list[str]:
 
 def raw_table(runs: dict) -> list[str]:
     """Each recipe against raw Unsloth (bench/unsloth_sft.py) on the same rows and settings: what the repository adds
-    or costs over Unsloth, and raw Unsloth's own ratio to the plain script on this machine next to the issue's."""
+    or costs over Unsloth, and raw Unsloth's own ratio to the plain script on this machine next to the target."""
     lines = ["| recipe | data | tokens/s recipe / raw Unsloth / plain | recipe / raw | raw / plain | target "
              "| median step s recipe / raw | peak GiB recipe / raw | raw batches | no overhead |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|:---:|"]
@@ -550,11 +593,26 @@ def settings_table(runs: dict) -> list[str]:
     return lines
 
 
+def software(session: dict) -> str:
+    """The session's packages, torch with its CUDA; one recorded as missing reads "no <name>", so a run without
+    xformers or flash_attn says so (older sessions did not record them)."""
+    cuda = session.get("torch_cuda")
+    return ", ".join(f"no {name}" if not version else
+                     f"{name} {version}" + (f" (CUDA {cuda})" if name == "torch" and cuda else "")
+                     for name, version in session["packages"].items())
+
+
 def report(results: dict) -> str:
     runs, sessions = results["runs"], results["sessions"]
     smoke = any(run.get("smoke") for run in runs.values())
-    gpus = sorted({f"{run['gpu'] or 'CPU'} (measured peak {run['peak_flops'] / 1e12:,.4g} TFLOP/s in "
-                   f"{run['precision']})" for run in runs.values() if "peak_flops" in run})
+    peaks = {}  # one GPU model, one line: its measured peak varies a few percent from machine to machine
+    for run in runs.values():
+        if "peak_flops" in run:
+            peaks.setdefault((run["gpu"] or "CPU", run["precision"]), []).append(run["peak_flops"] / 1e12)
+    gpus = []
+    for (gpu, precision), measured in sorted(peaks.items()):
+        low, high = f"{min(measured):,.4g}", f"{max(measured):,.4g}"
+        gpus.append(f"{gpu} (measured peak {low if low == high else f'{low} to {high}'} TFLOP/s in {precision})")
     lines = ["# Benchmarks: recipes vs the plain transformers + PEFT + bitsandbytes script", "",
              "Generated by `bench/benchmark.py`; do not edit by hand (analysis goes in `bench/notes.md`, copied "
              "below).",
@@ -574,26 +632,32 @@ def report(results: dict) -> str:
               "- data: fixed = every row just under the recipe's max_seq_length; chat = "
               "`bench/data/chat_lengths.jsonl` (log-normal lengths, long tail), rows longer than max_seq_length "
               "left out on both sides",
-              f"- targets (the issue, raw Unsloth vs plain on an H100): fixed rows at least the tokens/s ratio and at "
-              f"most the memory ratio of Llama-3-8B {TARGETS['llama-3-8b'][0]}x / {TARGETS['llama-3-8b'][1]}x "
-              f"(also for Llama-3.1-8B, same shape), TinyLlama {TARGETS['tinyllama-1.1b'][0]}x / "
+              f"- targets, the repository's own goals, taken from a measurement of raw Unsloth against a plain "
+              f"transformers + PEFT + bitsandbytes script on an H100: on fixed rows, at least the tokens/s ratio and "
+              f"at most the memory ratio raw Unsloth reached there, Llama-3-8B {TARGETS['llama-3-8b'][0]}x / "
+              f"{TARGETS['llama-3-8b'][1]}x (also for Llama-3.1-8B, same shape), "
+              f"TinyLlama {TARGETS['tinyllama-1.1b'][0]}x / "
               f"{TARGETS['tinyllama-1.1b'][1]}x, Llama-3.2-1B {TARGETS['llama-3.2-1b'][0]}x / "
               f"{TARGETS['llama-3.2-1b'][1]}x, GPT-2 M {TARGETS['gpt2-medium'][0]}x / {TARGETS['gpt2-medium'][1]}x; "
-              f"chat rows at least {CHAT_SPEEDUP:.0f}x the plain script's tokens/s", "",
+              f"on chat rows, at least {CHAT_SPEEDUP:.0f}x the padded plain script's tokens/s", "",
               "## Results", "", *table(runs), "",
               "## Recipes against raw Unsloth", "",
               "The same rows and settings through `bench/unsloth_sft.py`, the script of Unsloth's notebooks "
               "(FastLanguageModel, get_peft_model, TRL's SFTTrainer with Unsloth's defaults) with none of this "
               "repository's code in its training path, run in the same session. `no overhead` passes at "
-              f"{NO_OVERHEAD:.2f}x raw Unsloth's tokens/s or more; `raw / plain` is the ratio the issue's targets "
-              "state for raw Unsloth, measured on this machine.", "", *raw_table(runs), "",
+              f"{NO_OVERHEAD:.2f}x raw Unsloth's tokens/s or more; `raw / plain` is raw Unsloth's ratio to the plain "
+              "script on this machine, the same measurement the fixed-row targets come from, shown next to them.",
+              "", *raw_table(runs), "",
               "## Settings", "", *settings_table(runs), "", "## Runs", ""]
+    if any((session["git_commit"] or "").endswith("-dirty") for session in sessions):
+        lines += ["A commit ending in `-dirty`: tracked files in the working tree differed from that commit when the "
+                  "benchmark ran.", ""]
     for session in sessions:
-        packages = ", ".join(f"{k} {v}" for k, v in session["packages"].items() if v)
-        done = session.get("recipes_done")
+        done, driver = session.get("recipes_done"), session.get("nvidia_driver")
         lines.append(f"- {session['finished_utc']}: `{session['command']}` ({session['wall_s']:.0f} s; "
-                     f"{session['gpu'] or 'CPU'}; commit {session['git_commit']}"
-                     f"{'; finished ' + ', '.join(done) if done is not None else ''}); {packages}")
+                     f"{session['gpu'] or 'CPU'}{', driver ' + driver if driver else ''}; commit "
+                     f"{session['git_commit']}{'; finished ' + ', '.join(done) if done is not None else ''}); "
+                     f"{software(session)}")
     if NOTES.exists() and not smoke:
         lines += ["", "## Notes", "", NOTES.read_text().strip()]
     return "\n".join(lines) + "\n"
@@ -651,9 +715,11 @@ def main(argv=None):
         peak_flops = measured_peak_flops(hardware.precision)
         print(f"{hardware.gpu_name or 'CPU'}: measured peak {peak_flops / 1e12:,.4g} TFLOP/s ({hardware.precision}); "
               f"work dir {args.work_dir}", flush=True)
-        session = {"command": "python -m bench.benchmark " + " ".join(sys.argv[1:] if argv is None else argv),
+        # flash_attn next to xformers: either gives Unsloth's padding-free batches one attention call a layer
+        session = {"command": recorded_command(sys.argv[1:] if argv is None else argv),
                    "started_utc": started_utc.isoformat(timespec="seconds"), "recipes_done": [],
-                   "gpu": hardware.gpu_name, "git_commit": git_commit(), "packages": package_versions(),
+                   "gpu": hardware.gpu_name, "nvidia_driver": nvidia_driver(), "git_commit": git_commit(),
+                   "packages": {**package_versions(), "flash_attn": installed("flash-attn")},
                    "torch_cuda": torch.version.cuda}
         results["sessions"].append(session)  # updated after each recipe: a run cut short still names itself
         for name in args.recipes:

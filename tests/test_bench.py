@@ -119,6 +119,24 @@ def test_a_recipe_that_raises_is_an_error_row_in_both_tables(tmp_path, monkeypat
         assert row.endswith("| error |")
 
 
+def strings(value):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def assert_no_absolute_path(results: dict):
+    """results.json is kept in git: no string in it (a log, a data file, an error naming a log, the command line) may
+    hold a path of the machine it ran on."""
+    for text in strings(results):
+        absolute = [word for word in re.split(r"[\s=():`,]+", text) if os.path.isabs(word)]
+        assert not absolute, f"absolute path in {text!r}"
+
+
 def test_timed_metrics_leave_out_warmup_and_weigh_rates_by_time():
     records = [{"step": 1, "loss": 9.0, "step_time_s": 30.0, "tokens_per_s": 10.0, "peak_gpu_memory_gib": 5.0},
                {"step": 2, "loss": 8.0, "step_time_s": 1.0, "tokens_per_s": 100.0, "peak_gpu_memory_gib": 6.0},
@@ -169,8 +187,15 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
                             cwd=REPO, env={**os.environ, "PYTHONPATH": pythonpath}, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = results["runs"]
     assert set(runs) == {"llama3_8b/fixed", "llama3_8b/chat"}
+    assert_no_absolute_path(results)
+    assert f"--work-dir {os.path.relpath(tmp_path, REPO)} " in results["sessions"][0]["command"]
+    for run in runs.values():  # each stored path is found from the repository root
+        paths = [run["data"]["recipe_file"], run["data"]["plain_file"], run["recipe_side"]["run_folder"],
+                 *(run[side]["log"] for side in ("recipe_side", "plain_side", "raw_side"))]
+        assert all((REPO / path).exists() for path in paths), paths
     markdown = (tmp_path / "BENCH.md").read_text()
     for regime in ("fixed", "chat"):
         run = runs[f"llama3_8b/{regime}"]
