@@ -65,3 +65,32 @@ def test_python_side_refuses_bf16_on_a_t4(monkeypatch):
     assert hardware.detect().precision == "fp16"
     with pytest.raises(UserError, match="Tesla T4 has 7.5: use --precision fp16"):
         hardware.detect("bf16")
+
+
+def test_gpu_setup_keeps_the_cuda_torch_already_installed(tmp_path):
+    """On Colab a CUDA torch is there before run.sh: the GPU set installs with torch held at that version, so pip
+    chooses packages (xformers) built for it instead of replacing it."""
+    log = tmp_path / "python-calls.log"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text(f"""#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+  *find_spec*) exit 1 ;;
+  *"print(torch.__version__)"*) echo "2.8.0+cu126" ;;
+esac
+exit 0
+""")
+    (fake / "python3").chmod(0o755)
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Tesla T4, 7.5'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path)}
+    env.pop("FT_PRECISION", None)
+    result = subprocess.run([str(REPO / "run.sh"), "llama3_8b", "--smoke"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    install = next(call for call in calls if "pip install" in call)
+    assert install.endswith(f"-r {REPO}/requirements.txt -c {REPO}/.torch-constraint.txt")
+    assert (REPO / ".torch-constraint.txt").read_text() == "torch==2.8.0+cu126\n"
+    assert calls[-1] == "-m recipes.llama3_8b --smoke"
