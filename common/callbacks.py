@@ -1,6 +1,9 @@
-"""Trainer callbacks: throughput and memory into metrics.jsonl, the moving average of eval loss, a clean early stop."""
+"""Trainer callbacks: throughput and memory into metrics.jsonl, the moving average of eval loss, a clean stop on request."""
 import json
+import signal
 import statistics
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,13 +99,33 @@ class MetricsRecorder(TrainerCallback):
         }
 
 
-class StopAfterStep(TrainerCallback):
-    """Ends the session after a step with a checkpoint saved, so --resume can continue it later."""
+class StopOnRequest(TrainerCallback):
+    """Ends training with a checkpoint after step `step` (--stop-after-step), or after the step in progress when the
+    process gets SIGTERM (a preempted machine, a notebook's stop button) or Ctrl-C; a second one stops at once.
+    `signal` holds the signal that asked, None when none did."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int = 0):
         self.step = step
+        self.signal = None
+        self._handlers = {}
+
+    def _ask_to_stop(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint; again to stop at once",
+              file=sys.stderr, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._handlers = {s: signal.signal(s, self._ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.step and state.global_step >= self.step:
+        if self.signal is not None or (self.step and state.global_step >= self.step):
             control.should_save = True
             control.should_training_stop = True

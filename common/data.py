@@ -172,6 +172,44 @@ def drop_too_long(conversations: list, tokenizer, max_seq_length: int, dropped: 
     return kept
 
 
+def split_into_windows(messages: list[dict], tokenizer, max_seq_length: int) -> tuple[list[list[dict]], int]:
+    """A conversation too long for max_seq_length, as windows of whole exchanges (a user turn and its reply), each a
+    conversation of its own within max_seq_length after the chat template: the system prompt first when there is one,
+    then a user turn, an assistant turn last. Returns (windows, exchanges dropped because alone they do not fit)."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    dialogue = messages[len(system):]  # cleaned: user and assistant alternate, user first, assistant last
+    windows, window, too_long = [], [], 0
+    for exchange in (dialogue[i:i + 2] for i in range(0, len(dialogue), 2)):
+        if window and token_count(tokenizer, system + window + exchange) <= max_seq_length:
+            window = window + exchange
+            continue
+        if window:
+            windows.append(system + window)
+        window = exchange if token_count(tokenizer, system + exchange) <= max_seq_length else []
+        too_long += not window
+    return windows + ([system + window] if window else []), too_long
+
+
+def split_too_long(conversations: list, tokenizer, max_seq_length: int, dropped: Counter, split: Counter) -> list:
+    """Conversations within max_seq_length as they are, longer ones as windows (split_into_windows); one with no
+    exchange that fits counts as 'too long' in dropped. split counts 'conversations' cut, their 'windows', and the
+    'exchanges too long' dropped inside them."""
+    fitted = []
+    for messages in conversations:
+        if token_count(tokenizer, messages) <= max_seq_length:
+            fitted.append(messages)
+            continue
+        windows, too_long = split_into_windows(messages, tokenizer, max_seq_length)
+        split["exchanges too long"] += too_long
+        if not windows:
+            dropped["too long"] += 1
+            continue
+        split["conversations"] += 1
+        split["windows"] += len(windows)
+        fitted += windows
+    return fitted
+
+
 def split_train_eval(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     """Seeded shuffle, then the last eval_fraction (at least one item) is held out for evaluation."""
     items = list(items)
@@ -186,18 +224,36 @@ def report(total: int, kept: int, dropped: Counter) -> str:
 
 
 def prepare_chat_data(source: str, tokenizer, max_seq_length: int, max_samples: int, eval_fraction: float,
-                      seed: int, system_prompt: str | None = None):
-    """The whole data step of a chat recipe: returns (train, eval, summary) with summary for the manifest."""
+                      seed: int, system_prompt: str | None = None, long_conversations: str = "drop"):
+    """The whole data step of a chat recipe: returns (train, eval, summary) with summary for the manifest. With
+    long_conversations="split", train and eval are split by conversation first, so no conversation has windows in both.
+    """
+    if long_conversations not in ("drop", "split"):
+        raise UserError(f"--long-conversations {long_conversations}: use drop or split")
     rows = read_rows(source)
     if max_samples and len(rows) > max_samples:
         rows = random.Random(seed).sample(rows, max_samples)
     conversations, dropped = to_conversations(rows, source, system_prompt)
-    conversations = drop_too_long(conversations, tokenizer, max_seq_length, dropped)
-    line = report(len(rows), len(conversations), dropped)
-    if len(conversations) < 2:
-        raise UserError(f"{source}: too few conversations left after filtering ({line}); "
-                        f"raise --max-seq-length or check the data's format")
-    train, held_out = split_train_eval(conversations, eval_fraction, seed)
-    summary = {"source": source, "rows": len(rows), "kept": len(conversations), "dropped": dict(dropped),
+    split = Counter()
+    if long_conversations == "drop":
+        conversations = drop_too_long(conversations, tokenizer, max_seq_length, dropped)
+        kept = len(conversations)
+        if kept < 2:
+            raise UserError(f"{source}: too few conversations left after filtering "
+                            f"({report(len(rows), kept, dropped)}); raise --max-seq-length or check the data's format")
+        train, held_out = split_train_eval(conversations, eval_fraction, seed)
+    else:
+        train, held_out = split_train_eval(conversations, eval_fraction, seed) if len(conversations) >= 2 else ([], [])
+        train, held_out = (split_too_long(part, tokenizer, max_seq_length, dropped, split) for part in (train, held_out))
+        kept = len(conversations) - dropped["too long"]
+        if not train or (eval_fraction > 0 and not held_out):
+            raise UserError(f"{source}: too few conversations left after splitting "
+                            f"({report(len(rows), kept, dropped)}); raise --max-seq-length or check the data's format")
+    line = report(len(rows), kept, dropped)
+    if long_conversations == "split":
+        line += (f"; {kept:,} conversations as {len(train) + len(held_out):,} windows ({split['conversations']:,} "
+                 f"split, {split['exchanges too long']:,} single exchanges longer than {max_seq_length} dropped)")
+    summary = {"source": source, "rows": len(rows), "kept": kept, "dropped": dict(dropped),
+               "long_conversations": long_conversations, "split": dict(split),
                "train": len(train), "eval": len(held_out), "report": line}
     return train, held_out, summary

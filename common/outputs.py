@@ -12,6 +12,7 @@ import dataclasses
 import json
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -54,15 +55,27 @@ class RunFolder:
         folder = cls(Path(path))
         if (folder.path / "results.md").exists():
             raise UserError(f"--resume {path}: that run already completed; start a new run instead")
-        if folder.last_checkpoint() is None:
-            raise UserError(f"--resume {path}: no checkpoint saved there yet; start a new run instead")
+        newest = folder.last_checkpoint()
+        for checkpoint in folder.checkpoint_folders():
+            problem = checkpoint_problem(checkpoint)
+            if problem:  # unusable, and a later rotation could otherwise delete a good one in its favour
+                print(f"resume: skipping {checkpoint.name} ({problem}: written when the run was killed); removed it")
+                shutil.rmtree(checkpoint)
+        step = int(Path(newest).name.split("-")[1]) if newest else 0
+        print(f"resume: continuing from {Path(newest).name}" if newest else
+              f"resume: no complete checkpoint in {folder.checkpoints}; training again from step 0 in this folder")
+        folder.trim_metrics_after(step)
         for marker in ("FAILED", "STOPPED"):
             (folder.path / marker).unlink(missing_ok=True)
         return folder
 
+    def checkpoint_folders(self) -> list[Path]:
+        return sorted(self.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
     def last_checkpoint(self) -> str | None:
-        steps = sorted(self.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        return str(steps[-1]) if steps else None
+        """The newest checkpoint the Trainer can resume from (see checkpoint_problem); None when there is none."""
+        complete = [c for c in self.checkpoint_folders() if checkpoint_problem(c) is None]
+        return str(complete[-1]) if complete else None
 
     def trim_metrics_after(self, step: int) -> list[dict]:
         """Drop metrics logged after `step` (a resumed run logs them again); returns the lines kept."""
@@ -92,15 +105,21 @@ class RunFolder:
         title, _, body = markdown.partition("\n")
         (self.path / "results.md").write_text(f"{title}\n\n![train and eval loss against step](loss.png)\n{body.rstrip()}\n")
 
-    def mark_stopped(self, step: int, recipe: str):
-        (self.path / "STOPPED").write_text(
-            f"stopped after step {step} as asked; continue with: ./run.sh {recipe} --resume {self.path}\n")
+    def mark_stopped(self, step: int, recipe: str, signum: int | None = None):
+        """STOPPED with the command that continues the run; stopped by a signal, the process then exits 128 + its
+        number, as a process that signal ends does, so a scheduler sees the run did not finish."""
+        why = f"on {signal.Signals(signum).name}" if signum else "as asked"
+        message = f"stopped after step {step} {why}; continue with: ./run.sh {recipe} --resume {self.path}"
+        (self.path / "STOPPED").write_text(message + "\n")
+        print(message)
+        if signum:
+            raise SystemExit(128 + signum)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
-        if error is None:
+        if error is None or isinstance(error, SystemExit):
             return False
         if isinstance(error, KeyboardInterrupt):
             reason = f"interrupted; continue with --resume {self.path}"
@@ -111,6 +130,22 @@ class RunFolder:
         (self.path / "FAILED").write_text(reason + "\n")
         print(f"run folder marked FAILED: {self.path}", file=sys.stderr)
         return False
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why the Trainer could not resume from this checkpoint folder; None when it is complete. The Trainer writes the
+    adapter, optimizer, scheduler and RNG states, then trainer_state.json last: a kill during the write leaves a file
+    missing or trainer_state.json absent, unreadable or at another step."""
+    needed = ["trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"]
+    missing = [name for name in needed if not (checkpoint / name).is_file()]
+    missing += [] if any(checkpoint.glob("rng_state*.pth")) else ["rng_state.pth"]
+    if missing:
+        return "no " + ", ".join(missing)
+    try:
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+    except (ValueError, KeyError):
+        return "trainer_state.json unreadable"
+    return None if step == int(checkpoint.name.split("-")[1]) else f"trainer_state.json at step {step}"
 
 
 def git_commit() -> str | None:

@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel, get_chat_template, train_on_responses_only
 
 from common.batching import settle_batching, token_budget_batches
-from common.callbacks import MetricsRecorder, StopAfterStep
+from common.callbacks import MetricsRecorder, StopOnRequest
 from common.chat import TURN_MARKERS, conversation_dataset, generate_reply
 from common.config import parse
 from common.data import prepare_chat_data, read_rows
@@ -60,13 +60,14 @@ class Config:
     variant: str = "instruct"  # card: instruct (Llama 3.1 chat) for many tasks; base (plain Alpaca format) for one
     model_name: str = ""  # empty: the variant's Unsloth 4-bit checkpoint (VARIANTS); or a hub id or local folder
     load_in_4bit: bool = True  # card: QLoRA, the frozen base in 4-bit NF4 (about 5.6 GB for 8B instead of 16)
-    max_seq_length: int = 2048  # choice (not on the card): longer conversations are dropped, not truncated
+    max_seq_length: int = 2048  # choice (not on the card): Unsloth's notebooks' length; longer chats: --long-conversations
     lora_r: int = 8  # card: start at rank 8; --rank-sweep replaces it by the ranks swept
     lora_alpha: int | None = None  # card: alpha = 2 x rank; None (unset) follows each rank, a number fixes it
     lora_dropout: float = 0.0  # 0 lets Unsloth use its fused LoRA kernels
     targets: str = "attention"  # card: the attention projections q,k,v,o; attention|mlp|all
     data: str = "mlabonne/FineTome-100k"  # chat data, any format common.data reads (ShareGPT, messages, Alpaca, Q&A)
     max_samples: int = 10_000  # choice (not on the card): 10k conversations tune a style; 0 uses every row
+    long_conversations: str = "split"  # choice: long chat logs kept as windows of whole turns; drop: only whole ones fit
     eval_fraction: float = 0.05  # held out, seeded: the rank sweep compares ranks on this split
     per_device_train_batch_size: int = 2  # Unsloth's notebook value: fits a 16 GB T4 in 4-bit
     gradient_accumulation_steps: int = 4  # effective batch 8, as in Unsloth's notebooks
@@ -154,16 +155,15 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
         model, r=rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, bias="none",
         target_modules=list(TARGETS[cfg.targets]), use_gradient_checkpointing="unsloth", random_state=cfg.seed)
 
-    # 3. Data: standardise to messages, drop what does not fit the template at max_seq_length, split.
+    # 3. Data: standardise to messages, split train/eval, cut conversations longer than max_seq_length into windows.
     train_rows, eval_rows, data = prepare_chat_data(cfg.data, tokenizer, cfg.max_seq_length, cfg.max_samples,
-                                                    cfg.eval_fraction, cfg.seed)
+                                                    cfg.eval_fraction, cfg.seed, long_conversations=cfg.long_conversations)
     print(f"rank {rank}: data {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
 
     # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss. A step's
     #    8 conversations run as passes of at most 2 x 2048 tokens: short ones share a pass (common/batching.py).
-    if run.resume:
-        folder.trim_metrics_after(int(Path(folder.last_checkpoint()).name.split("-")[1]))
     recorder = MetricsRecorder(folder.metrics)
+    stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
     with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                               cfg.max_seq_length) as batches:
         trainer = SFTTrainer(
@@ -171,7 +171,7 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
             processing_class=tokenizer,
             train_dataset=conversation_dataset(train_rows),
             eval_dataset=conversation_dataset(eval_rows[:cfg.max_eval_samples]),
-            callbacks=[recorder, StopAfterStep(run.stop_after_step)],
+            callbacks=[recorder, stop],
             args=SFTConfig(
                 output_dir=str(folder.checkpoints), max_length=cfg.max_seq_length, **batches,
                 per_device_eval_batch_size=cfg.per_device_eval_batch_size, learning_rate=cfg.learning_rate,
@@ -189,7 +189,7 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
     reset_peak_memory()
     trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
     if trainer.state.global_step < cfg.max_steps:
-        folder.mark_stopped(trainer.state.global_step, RECIPE)
+        folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
         return None
 
     # 5. Evaluate the kept (best) checkpoint, answer a few held-out prompts, save the adapter.

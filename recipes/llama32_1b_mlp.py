@@ -19,7 +19,7 @@ from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
 from common.batching import settle_batching, token_budget_batches
-from common.callbacks import MetricsRecorder, StopAfterStep
+from common.callbacks import MetricsRecorder, StopOnRequest
 from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
 from common.config import parse
 from common.data import prepare_chat_data, read_rows
@@ -99,6 +99,7 @@ def main(argv=None):
 
         # 4. Train with loss on answers only; the held-out questions give a loss before and after training. A step's
         #    8 rows run as passes of at most 2 x 2048 tokens: short ones share a pass (common/batching.py).
+        stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
         with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                                   cfg.max_seq_length) as batches:
             trainer = SFTTrainer(
@@ -106,7 +107,7 @@ def main(argv=None):
                 processing_class=tokenizer,
                 train_dataset=conversation_dataset(train_rows),
                 eval_dataset=conversation_dataset(held_out),
-                callbacks=[StopAfterStep(run.stop_after_step)],
+                callbacks=[stop],
                 args=SFTConfig(
                     output_dir=str(folder.checkpoints),
                     max_length=cfg.max_seq_length,
@@ -136,15 +137,13 @@ def main(argv=None):
         answers_before = answer(model, tokenizer, questions, cfg.max_new_tokens)
         FastLanguageModel.for_training(model)
         # metrics.jsonl logs training from here on; a resumed run continues the lines kept up to its checkpoint.
-        if run.resume:
-            folder.trim_metrics_after(int(Path(folder.last_checkpoint()).name.split("-")[1]))
         recorder = MetricsRecorder(folder.metrics)
         trainer.add_callback(recorder)
         recorder.count_tokens_of(trainer)
         reset_peak_memory()
         trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
         if trainer.state.global_step < cfg.max_steps:
-            folder.mark_stopped(trainer.state.global_step, RECIPE)
+            folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
             return
 
         # 5. Evaluate: held-out loss and answers after training; adapters only on the MLP; attention bit-identical.

@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
 from common.batching import settle_batching, token_budget_batches
-from common.callbacks import MetricsRecorder, MovingAverageEvalLoss, StopAfterStep
+from common.callbacks import MetricsRecorder, MovingAverageEvalLoss, StopOnRequest
 from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
 from common.config import parse
 from common.data import prepare_chat_data, read_rows
@@ -45,6 +45,7 @@ class Config:
     data: str = "mlabonne/FineTome-100k"  # card: ShareGPT-style conversations (human/gpt) with source and score
     chat_template: str = "llama-3"  # card: the model's own Llama 3 template
     max_samples: int = 50_000  # card: 50k of the 100k conversations
+    long_conversations: str = "drop"  # card: drop what does not fit; split cuts long chats into windows of whole turns
     eval_fraction: float = 0.2  # card: 80% train / 20% eval, seeded
     per_device_train_batch_size: int = 2  # card: batch 2
     gradient_accumulation_steps: int = 8  # card: effective batch 16
@@ -88,17 +89,17 @@ def main(argv=None):
             model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
             target_modules=list(cfg.target_modules), use_gradient_checkpointing="unsloth", random_state=cfg.seed)
 
-        # 3. Data: standardise to messages, drop what does not fit, split 80/20.
+        # 3. Data: standardise to messages, drop (or split) what does not fit, split 80/20.
         train_rows, eval_rows, data = prepare_chat_data(cfg.data, tokenizer, cfg.max_seq_length, cfg.max_samples,
-                                                        cfg.eval_fraction, cfg.seed)
+                                                        cfg.eval_fraction, cfg.seed,
+                                                        long_conversations=cfg.long_conversations)
         print(f"data: {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
         eval_for_loss = eval_rows[:cfg.max_eval_samples]
 
         # 4. Train with loss on assistant turns only; checkpoint at every evaluation, keep the best by eval loss. A step's
         #    16 conversations run as passes of at most 2 x 1024 tokens: short ones share a pass (common/batching.py).
-        if run.resume:
-            folder.trim_metrics_after(int(Path(folder.last_checkpoint()).name.split("-")[1]))
         recorder = MetricsRecorder(folder.metrics)
+        stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
         moving_average = MovingAverageEvalLoss(cfg.moving_average_window,
                                                [r["eval_loss"] for r in recorder.records if "eval_loss" in r])
         with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
@@ -108,7 +109,7 @@ def main(argv=None):
                 processing_class=tokenizer,
                 train_dataset=conversation_dataset(train_rows),
                 eval_dataset=conversation_dataset(eval_for_loss),
-                callbacks=[moving_average, recorder, StopAfterStep(run.stop_after_step)],
+                callbacks=[moving_average, recorder, stop],
                 args=SFTConfig(
                     output_dir=str(folder.checkpoints),
                     max_length=cfg.max_seq_length,
@@ -141,7 +142,7 @@ def main(argv=None):
         reset_peak_memory()
         trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
         if trainer.state.global_step < cfg.max_steps:
-            folder.mark_stopped(trainer.state.global_step, RECIPE)
+            folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
             return
 
         # 5. Evaluate the kept (best) checkpoint and answer a few held-out prompts.

@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 from unsloth import FastLanguageModel
 
-from common.callbacks import MetricsRecorder, StopAfterStep
+from common.callbacks import MetricsRecorder, StopOnRequest
 from common.chat import generate_reply, set_chat_template
 from common.config import parse
 from common.data import drop_too_long, read_rows, split_train_eval
@@ -118,15 +118,14 @@ def main(argv=None):
         dropped = Counter()
         train_set = sft_dataset(train_rows, tokenizer, cfg.max_seq_length, dropped)
         data.update(train=len(train_set), dropped={reason: n for reason, n in dropped.items() if n})
-        if run.resume:
-            folder.trim_metrics_after(int(Path(folder.last_checkpoint()).name.split("-")[1]))
         recorder = MetricsRecorder(folder.metrics)
+        stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
         trainer = SFTTrainer(
             model=model,
             processing_class=tokenizer,
             train_dataset=train_set,
             eval_dataset=sft_dataset(splits["validation"][:cfg.max_eval_samples], tokenizer, cfg.max_seq_length),
-            callbacks=[recorder, StopAfterStep(run.stop_after_step)],
+            callbacks=[recorder, stop],
             args=SFTConfig(
                 output_dir=str(folder.checkpoints),
                 max_length=cfg.max_seq_length,
@@ -155,7 +154,7 @@ def main(argv=None):
         reset_peak_memory()
         trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
         if trainer.state.global_step < cfg.max_steps:
-            folder.mark_stopped(trainer.state.global_step, RECIPE)
+            folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
             return
 
         # 5. Fine-tuned: the same test tweets, the same scoring; the majority class is the score to beat.

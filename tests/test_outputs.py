@@ -7,7 +7,8 @@ import pytest
 
 from common.config import RunOptions
 from common.errors import UserError
-from common.outputs import RunFolder, manifest, package_versions
+from common.outputs import RunFolder, checkpoint_problem, manifest, package_versions
+from tests.conftest import read_jsonl
 from common.hardware import Hardware
 
 
@@ -37,15 +38,54 @@ def test_out_of_memory_is_recorded_with_the_flags_that_lower_memory(tmp_path):
     assert "--per-device-train-batch-size" in reason and "--max-seq-length" in reason
 
 
-def test_resume_refuses_completed_or_checkpointless_runs(tmp_path):
+def write_checkpoint(folder: RunFolder, step: int, skip: str | None = None, state_step: int | None = None):
+    """A checkpoint folder as the Trainer writes it, optionally without one file or with another step in its state."""
+    checkpoint = folder.checkpoints / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        if name != skip:
+            (checkpoint / name).write_bytes(b"x")
+    if skip != "trainer_state.json":
+        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": state_step or step}))
+    return checkpoint
+
+
+def test_a_checkpoint_is_complete_only_with_every_file_the_trainer_resumes_from(tmp_path):
     folder = RunFolder.create("demo", str(tmp_path))
-    with pytest.raises(UserError, match="no checkpoint saved there yet"):
-        RunFolder.reopen(str(folder.path))
-    (folder.checkpoints / "checkpoint-4").mkdir(parents=True)
-    (folder.checkpoints / "checkpoint-12").mkdir()
+    assert checkpoint_problem(write_checkpoint(folder, 2)) is None
+    assert checkpoint_problem(write_checkpoint(folder, 4, skip="optimizer.pt")) == "no optimizer.pt"
+    assert checkpoint_problem(write_checkpoint(folder, 6, skip="trainer_state.json")) == "no trainer_state.json"
+    assert checkpoint_problem(write_checkpoint(folder, 8, state_step=6)) == "trainer_state.json at step 6"
+    half_written = write_checkpoint(folder, 10)
+    (half_written / "trainer_state.json").write_text('{"global_st')
+    assert checkpoint_problem(half_written) == "trainer_state.json unreadable"
+    assert folder.last_checkpoint().endswith("checkpoint-2")
+
+
+def test_resume_continues_from_the_newest_complete_checkpoint_and_removes_the_rest(tmp_path, capsys):
+    folder = RunFolder.create("demo", str(tmp_path))
+    folder.metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 15)))
+    for step in (4, 8):
+        write_checkpoint(folder, step)
+    write_checkpoint(folder, 12, skip="trainer_state.json")  # killed while the Trainer wrote it
     (folder.path / "FAILED").write_text("interrupted\n")
     reopened = RunFolder.reopen(str(folder.path))
-    assert reopened.last_checkpoint().endswith("checkpoint-12") and not (folder.path / "FAILED").exists()
+    assert reopened.last_checkpoint().endswith("checkpoint-8") and not (folder.path / "FAILED").exists()
+    assert [c.name for c in reopened.checkpoint_folders()] == ["checkpoint-4", "checkpoint-8"]
+    assert [r["step"] for r in read_jsonl(folder.metrics)] == list(range(1, 9))
+    out = capsys.readouterr().out
+    assert "resume: skipping checkpoint-12 (no trainer_state.json: written when the run was killed)" in out
+    assert "resume: continuing from checkpoint-8" in out
+
+
+def test_resume_without_a_complete_checkpoint_trains_again_from_step_0_in_the_same_folder(tmp_path, capsys):
+    folder = RunFolder.create("demo", str(tmp_path))
+    folder.metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    write_checkpoint(folder, 2, skip="scheduler.pt")
+    reopened = RunFolder.reopen(str(folder.path))
+    assert reopened.path == folder.path and reopened.last_checkpoint() is None
+    assert folder.metrics.read_text() == "" and reopened.checkpoint_folders() == []
+    assert "no complete checkpoint in" in capsys.readouterr().out
     folder.write_results("# done", loss_curves={})
     with pytest.raises(UserError, match="already completed"):
         RunFolder.reopen(str(folder.path))
