@@ -59,12 +59,13 @@ ensure_installed() {
     # A CUDA torch already there (Colab's) stays: pip must then choose the xformers built for it instead of swapping
     # torch for the one the newest xformers wants.
     local torch_version constraints=()
-    torch_version=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null) || torch_version=""
+    torch_version=$("$PY" -c "import torch; assert torch.version.cuda; print(torch.__version__)" 2>/dev/null) \
+      || torch_version=""
     if [ -n "$torch_version" ]; then
       echo "torch==$torch_version" > "$ROOT/.torch-constraint.txt"
       constraints=(-c "$ROOT/.torch-constraint.txt")
     fi
-    "$PY" -m pip install -q -r "$ROOT/requirements.txt" "${constraints[@]}"
+    "$PY" -m pip install -q -r "$ROOT/requirements.txt" ${constraints[@]+"${constraints[@]}"}
   else
     "$PY" -m pip install -q -r "$ROOT/requirements-cpu.txt"
     "$PY" -m pip install -q --no-deps -r "$ROOT/requirements-cpu-nodeps.txt"

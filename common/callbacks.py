@@ -102,10 +102,11 @@ class MetricsRecorder(TrainerCallback):
 class StopOnRequest(TrainerCallback):
     """Ends training with a checkpoint after step `step` (--stop-after-step), or after the step in progress when the
     process gets SIGTERM (a preempted machine, a notebook's stop button) or Ctrl-C; a second one stops at once.
-    `signal` holds the signal that asked, None when none did."""
+    `signal` holds the signal that asked, None when none did. With signals=False only --stop-after-step applies."""
 
-    def __init__(self, step: int = 0):
+    def __init__(self, step: int = 0, signals: bool = True):
         self.step = step
+        self.signals = signals
         self.signal = None
         self._handlers = {}
 
@@ -117,7 +118,7 @@ class StopOnRequest(TrainerCallback):
               file=sys.stderr, flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if threading.current_thread() is threading.main_thread():
+        if self.signals and threading.current_thread() is threading.main_thread():
             self._handlers = {s: signal.signal(s, self._ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def on_train_end(self, args, state, control, **kwargs):

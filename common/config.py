@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class RunOptions:
     """How to run, as opposed to what to train: shared by every recipe."""
     smoke: bool = False  # tiny random-init model + bundled sample data, offline, CPU, about a minute
-    resume: str = ""  # a run folder to continue from its last checkpoint
+    resume: str = ""  # a run folder to continue from its newest complete checkpoint
     config: str = ""  # a YAML file of field values, overridden by flags
     output_dir: str = str(REPO_ROOT / "outputs")  # runs land in <output_dir>/<recipe>/<UTC timestamp>/
     precision: str = os.environ.get("FT_PRECISION", "auto")  # auto|bf16|fp16|fp32; run.sh passes its detection

@@ -243,7 +243,7 @@ def prepare_chat_data(source: str, tokenizer, max_seq_length: int, max_samples: 
                             f"({report(len(rows), kept, dropped)}); raise --max-seq-length or check the data's format")
         train, held_out = split_train_eval(conversations, eval_fraction, seed)
     else:
-        train, held_out = split_train_eval(conversations, eval_fraction, seed) if len(conversations) >= 2 else ([], [])
+        train, held_out = split_train_eval(conversations, eval_fraction, seed)
         train, held_out = (split_too_long(part, tokenizer, max_seq_length, dropped, split) for part in (train, held_out))
         kept = len(conversations) - dropped["too long"]
         if not train or (eval_fraction > 0 and not held_out):

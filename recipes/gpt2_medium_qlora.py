@@ -2,6 +2,7 @@
 
 Card: GPT-2 Medium (355M), LoRA on c_attn (alpha 16, dropout 0.05) at ranks 2, 4, 8, 16, each trained twice from one
 seed: on an NF4 base (QLoRA) and on a 16-bit base; 1,000 Stanford Alpaca rows, ### Instruction / Input / Response.
+Beyond the card: QLoRA at the largest rank once more from another seed, the yardstick for the cosines.
 Launch: ./run.sh gpt2_medium_qlora          offline check on CPU: ./run.sh gpt2_medium_qlora --smoke
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
@@ -103,7 +104,7 @@ def main(argv=None):
         (folder.path / "metrics").mkdir()
         sides = [cfg.only] if cfg.only else list(SIDES)
         plan = [(side, rank, cfg.seed) for rank in cfg.ranks for side in sides]
-        plan += [("qlora", cfg.ranks[-1], cfg.seed + 1)] if "qlora" in sides else []
+        plan += [("qlora", max(cfg.ranks), cfg.seed + 1)] if "qlora" in sides else []
         for side, rank, seed in plan:
             name = f"{side}-r{rank}" + ("" if seed == cfg.seed else f"-seed{seed}")
             before = free_gpu_memory()
@@ -300,7 +301,7 @@ def compare(rank: int, runs: list[dict], probes: dict, cfg) -> dict:
 
 def seed_to_seed(probes: dict, cfg) -> dict:
     """QLoRA at the largest rank against itself trained from another seed: how far apart two runs land by chance."""
-    rank, seeds = cfg.ranks[-1], [cfg.seed, cfg.seed + 1]
+    rank, seeds = max(cfg.ranks), [cfg.seed, cfg.seed + 1]
     (tokens, pooled, _), (other_tokens, other_pooled, _) = (probes["qlora", rank, seed] for seed in seeds)
     return {"rank": rank, "seeds": seeds, "mean_pooled_cosine": mean_pooled_cosine(pooled, other_pooled),
             "token_match_rate": token_match_rate(tokens, other_tokens)}

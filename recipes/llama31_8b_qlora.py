@@ -163,7 +163,8 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
     # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss. A step's
     #    8 conversations run as passes of at most 2 x 2048 tokens: short ones share a pass (common/batching.py).
     recorder = MetricsRecorder(folder.metrics)
-    stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
+    # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED. A sweep cannot resume: a signal ends it there.
+    stop = StopOnRequest(run.stop_after_step, signals=not cfg.rank_sweep)
     with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                               cfg.max_seq_length) as batches:
         trainer = SFTTrainer(
@@ -188,7 +189,7 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
     recorder.count_tokens_of(trainer)
     reset_peak_memory()
     trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
-    if trainer.state.global_step < cfg.max_steps:
+    if trainer.state.global_step < cfg.max_steps or stop.signal:
         folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
         return None
 

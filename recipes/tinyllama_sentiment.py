@@ -153,7 +153,7 @@ def main(argv=None):
         recorder.count_tokens_of(trainer)
         reset_peak_memory()
         trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
-        if trainer.state.global_step < cfg.max_steps:
+        if trainer.state.global_step < cfg.max_steps or stop.signal:
             folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
             return
 

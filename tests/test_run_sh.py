@@ -77,7 +77,7 @@ def test_gpu_setup_keeps_the_cuda_torch_already_installed(tmp_path):
 echo "$*" >> {log}
 case "$*" in
   *find_spec*) exit 1 ;;
-  *"print(torch.__version__)"*) echo "2.8.0+cu126" ;;
+  *"torch.version.cuda"*) echo "2.8.0+cu126" ;;
 esac
 exit 0
 """)

@@ -1,8 +1,8 @@
 """gpt2_medium_qlora, in bf16 and in fp16 under a T4's 15 GiB: a random-init model of GPT-2 Medium's exact shape, the
-card's largest rank (16), both sides, 20 steps each (the card's 200 scaled down, inside the first epoch of the sample's 94 rows, so no short last batch
-makes Unsloth compile GPT-2's blocks again); results.md filled from the measured numbers, adapters of both sides
-reloaded. One rank keeps the test at about half of the two-rank run's three minutes (most of a run is Unsloth compiling
-GPT-2's blocks for its fresh model); the CPU tests cover the study across ranks. Random weights: right for memory,
+card's largest rank (16), both sides and the reseeded QLoRA run, 20 steps each (the card's 200 scaled down, inside the
+first epoch of the sample's 94 rows, so no short last batch makes Unsloth compile GPT-2's blocks again); results.md
+filled from the measured numbers, adapters of both sides reloaded. One rank keeps the test short (most of a run is
+Unsloth compiling GPT-2's blocks for its fresh model); the CPU tests cover the study across ranks. Random weights: right for memory,
 speed and the pipeline, meaningless for the quality columns."""
 import json
 from pathlib import Path
