@@ -57,6 +57,13 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def gguf_logits(model, ids: list[int]):
+    """llama.cpp's logits at every position of `ids`, from a fresh context."""
+    model.reset()
+    model.eval(ids)
+    return np.array(model.scores[:len(ids)])
+
+
 @torch.no_grad()
 def test_merged16_reproduces_base_plus_adapter_logits(exported_run):
     merged_dir = exported_run / "export" / "merged16"
@@ -98,9 +105,7 @@ def test_gguf_f16_runs_in_llama_cpp_as_the_merged_model_and_q8_0_holds_the_adapt
     try:
         for prompt in PROMPTS:
             ids = token_ids(tokenizer, prompt)
-            f16.reset()
-            f16.eval(ids)
-            cpp_logits = np.array(f16.scores[:len(ids)])
+            cpp_logits = gguf_logits(f16, ids)
             hf_logits = merged(torch.tensor([ids])).logits[0].numpy()
             # The same 16-bit weights on both sides; llama.cpp also rounds activations and its KV cache to f16.
             assert np.abs(cpp_logits - hf_logits).max() <= 8 * F16_UNIT_ROUNDOFF * np.abs(hf_logits).max()
@@ -121,9 +126,7 @@ def test_gguf_f16_runs_in_llama_cpp_as_the_merged_model_and_q8_0_holds_the_adapt
     try:
         for prompt in PROMPTS:
             ids = token_ids(tokenizer, prompt)
-            q8.reset()
-            q8.eval(ids)
-            q8_logits = np.array(q8.scores[:len(ids)])
+            q8_logits = gguf_logits(q8, ids)
             to_merged = np.abs(q8_logits - merged(torch.tensor([ids])).logits[0].numpy()).mean()
             to_base = np.abs(q8_logits - base(torch.tensor([ids])).logits[0].numpy()).mean()
             assert to_merged < to_base, f"q8_0: {to_merged:.5f} from the merged model, {to_base:.5f} from the base"
