@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # ./run.sh <recipe> [--field value ...]   train a recipe (./run.sh llama3_8b --smoke: offline check on CPU)
+# ./run.sh <recipe> --gpus N|all [...]    the same on N GPUs (torchrun, data parallel; the card's effective batch kept)
 # ./run.sh chat RUN_DIR [--prompt TEXT]   talk to a trained run's model (--base: without the adapter)
 # ./run.sh export RUN_DIR --format merged16|gguf [--quantization q4_k_m,q8_0] [--push-to-hub USER/REPO]
 # ./run.sh list                           the recipes, one line each
@@ -100,7 +101,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 case "${1:-}" in
   ""|-h|--help)
-    sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0 ;;
   --detect)
     detect; exit 0 ;;
   list)
@@ -126,17 +127,40 @@ name=$1; shift
 hardware=$(detect)
 echo "$hardware" >&2
 precision=${hardware##*precision=}
-args=("$@")
-for i in "${!args[@]}"; do
-  case "${args[$i]}" in
-    --precision=*) precision=${args[$i]#--precision=} ;;
-    --precision) precision=${args[$((i + 1))]:-} ;;
+gpus=1
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpus=*) gpus=${1#--gpus=} ;;
+    --gpus) gpus=${2:-}; shift ;;
+    *)
+      case "$1" in
+        --precision=*) precision=${1#--precision=} ;;
+        --precision) precision=${2:-} ;;
+      esac
+      args+=("$1") ;;
   esac
+  shift
 done
 if [ "$precision" = bf16 ] && [[ "$hardware" != *precision=bf16 ]]; then
   die "--precision bf16 needs a GPU of compute capability 8.0 or newer (${hardware%% precision=*}); use --precision fp16 on a GPU, fp32 without one"
 fi
 export FT_PRECISION=$precision
 
+# --gpus N: one process a GPU under torchrun (common/launch.py); without a GPU, N CPU processes (to check the wiring).
+available=0
+[[ "$hardware" == gpu=none* ]] || available=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+[ "$gpus" = all ] && gpus=$available
+[[ "$gpus" =~ ^[0-9]+$ ]] && [ "$gpus" -ge 1 ] || die "--gpus expects a number of GPUs or all, got '$gpus' (this machine has $available)"
+if [ "$gpus" -gt 1 ] && [ "$available" -eq 0 ]; then
+  echo "no GPU: --gpus $gpus starts $gpus CPU processes (gloo), slow: for checking the wiring, e.g. with --smoke" >&2
+elif [ "$gpus" -gt "$available" ] && [ "$gpus" -gt 1 ]; then
+  die "--gpus $gpus: this machine has $available GPU(s); use --gpus $available or fewer"
+fi
+
 if [[ "$hardware" == gpu=none* ]]; then ensure_installed cpu; else ensure_installed gpu; fi
-exec "$PY" -m "recipes.$name" "$@"
+
+if [ "$gpus" -gt 1 ]; then
+  exec "$PY" -m common.launch --standalone --nproc_per_node "$gpus" -m "recipes.$name" ${args[@]+"${args[@]}"}
+fi
+exec "$PY" -m "recipes.$name" ${args[@]+"${args[@]}"}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from common import distributed
 from common.hardware import peak_memory_gib
 
 
@@ -30,7 +31,9 @@ class MovingAverageEvalLoss(TrainerCallback):
 
 
 class MetricsRecorder(TrainerCallback):
-    """Appends every log (loss, eval loss, learning rate) to metrics.jsonl with step time, tokens/s and peak memory."""
+    """Appends every log (loss, eval loss, learning rate) to metrics.jsonl with step time, tokens/s and peak memory.
+    Under torchrun every rank counts its own tokens and memory; each training log combines them (tokens/s of all GPUs
+    together, the highest peak, and both per GPU) and rank 0 alone writes the file."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -39,8 +42,10 @@ class MetricsRecorder(TrainerCallback):
         self.step_times: list[float] = []
         self._step_started = self._last_log_time = self._train_started = None
         self.train_seconds = None
-        self.tokens_seen = self._last_tokens = 0
-        self.tokens_per_s: list[float] = []
+        self.tokens_seen = self._last_tokens = 0  # this rank's
+        self.tokens_seen_all_ranks = 0
+        self.peaks_per_gpu: list[float | None] = []
+        self.tokens_per_s: list[float] = []  # all ranks together
 
     def count_tokens_of(self, trainer):
         """Count non-padding training tokens as the collator builds each batch. Call after the trainer's collator is
@@ -70,33 +75,48 @@ class MetricsRecorder(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         record = {"step": state.global_step, **(logs or {})}
         now = time.perf_counter()
-        if "loss" in record:
-            if self.tokens_seen > self._last_tokens and now > self._last_log_time:
-                record["tokens_per_s"] = (self.tokens_seen - self._last_tokens) / (now - self._last_log_time)
+        if "loss" in record:  # a training log: every rank logs it at the same step, so the ranks can combine here
+            counts = distributed.gathered((self.tokens_seen - self._last_tokens, peak_memory_gib()))
+            tokens = sum(count for count, _ in counts)
+            self.peaks_per_gpu = [peak for _, peak in counts]
+            self.tokens_seen_all_ranks += tokens
+            if tokens and now > self._last_log_time:
+                record["tokens_per_s"] = tokens / (now - self._last_log_time)
                 self.tokens_per_s.append(record["tokens_per_s"])
             self._last_tokens, self._last_log_time = self.tokens_seen, now
             if self.step_times:
                 record["step_time_s"] = self.step_times[-1]
-            record["peak_gpu_memory_gib"] = peak_memory_gib()
+            record["peak_gpu_memory_gib"] = max((p for p in self.peaks_per_gpu if p is not None), default=None)
+            if distributed.world_size() > 1:
+                record["peak_gpu_memory_gib_per_gpu"] = self.peaks_per_gpu
         if "eval_loss" in record:
             average = record.get("eval_loss_moving_avg")
             note = f" (moving average {average:.4f})" if average is not None else ""
             print(f"step {state.global_step}: eval_loss {record['eval_loss']:.4f}{note}")
         self.records.append(record)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        if distributed.is_main():
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
 
     def summary(self) -> dict:
         """Median step time after the first (warm-up) step, mean tokens/s and peak memory, for results and benchmarks;
-        the training time and tokens of this session (a resumed run counts from its checkpoint)."""
+        the training time and tokens of this session (a resumed run counts from its checkpoint). Several GPUs: tokens
+        are all ranks' together, the peak is the highest GPU's, and per-GPU figures are added."""
         timed = self.step_times[1:] or self.step_times
-        return {
+        tokens_per_s = statistics.mean(self.tokens_per_s[1:] or self.tokens_per_s) if self.tokens_per_s else None
+        peaks = [peak for peak in [peak_memory_gib(), *self.peaks_per_gpu] if peak is not None]
+        summary = {
             "train_seconds": self.train_seconds,
-            "tokens_trained": self.tokens_seen,
+            "tokens_trained": self.tokens_seen_all_ranks,
             "median_step_time_s": statistics.median(timed) if timed else None,
-            "tokens_per_s": statistics.mean(self.tokens_per_s[1:] or self.tokens_per_s) if self.tokens_per_s else None,
-            "peak_gpu_memory_gib": peak_memory_gib(),
+            "tokens_per_s": tokens_per_s,
+            "peak_gpu_memory_gib": max(peaks) if peaks else None,
         }
+        ranks = distributed.world_size()
+        if ranks > 1:
+            summary.update(world_size=ranks, tokens_per_s_per_gpu=tokens_per_s and tokens_per_s / ranks,
+                           peak_gpu_memory_gib_per_gpu=self.peaks_per_gpu)
+        return summary
 
 
 class StopOnRequest(TrainerCallback):

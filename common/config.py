@@ -28,6 +28,7 @@ class RunOptions:
     output_dir: str = str(REPO_ROOT / "outputs")  # runs land in <output_dir>/<recipe>/<UTC timestamp>/
     precision: str = os.environ.get("FT_PRECISION", "auto")  # auto|bf16|fp16|fp32; run.sh passes its detection
     stop_after_step: int = 0  # end this session after step N with a checkpoint, to --resume later (Colab limits)
+    scale_batch: bool = False  # ./run.sh --gpus N (torchrun) divides accumulation by N; this keeps it: N x the batch
     report_to: str = "none"  # none|tensorboard|wandb|trackio, comma-separated: TRL's loggers (TensorBoard: <run>/tensorboard)
 
 
@@ -81,7 +82,7 @@ def _apply(target, values: dict, source: str):
 
 
 def _help(config_cls, smoke: dict, prog: str) -> str:
-    lines = [f"usage: {prog} [--field value ...]", "", (config_cls.__doc__ or "").strip(), "", "hyperparameters:"]
+    lines = [f"usage: {prog} [--field value ...]", "", inspect.cleandoc(config_cls.__doc__ or ""), "", "hyperparameters:"]
     for cls in (config_cls, RunOptions):
         reasons = field_reasons(cls)
         for field in dataclasses.fields(cls):
@@ -151,6 +152,7 @@ def parse(config_cls, argv: list[str] | None = None, smoke: dict | None = None):
         saved_run = json.loads(saved.read_text())
         _apply(cfg, saved_run["hyperparameters"], str(saved))
         run.smoke = saved_run["run"]["smoke"]
+        run.scale_batch = saved_run["run"].get("scale_batch", False)  # the batch the checkpoints were trained with
     _apply(cfg, {k: v for k, v in flags.items() if k in config_fields}, "flags")
     if run.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--precision expects auto, bf16, fp16 or fp32, got {run.precision!r}")

@@ -1,4 +1,5 @@
 """One-line errors for mistakes a user can make, instead of a traceback from deep inside a library."""
+import os
 import sys
 
 
@@ -15,7 +16,8 @@ def run_main(main):
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun every process says what stopped it
+        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted; resume with --resume <run folder>", file=sys.stderr)

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from common import distributed
 from common.errors import UserError, is_out_of_memory, OOM_HINT
 from common.hardware import vram_gib
 
@@ -29,6 +30,9 @@ PACKAGES = ("unsloth", "unsloth_zoo", "torch", "transformers", "trl", "peft", "b
 
 
 class RunFolder:
+    """Under torchrun every rank holds the folder (checkpoints are written by all of them: each its own RNG state) but
+    only rank 0 writes the run's files."""
+
     def __init__(self, path: Path):
         self.path = path
         self.checkpoints = path / "checkpoints"
@@ -38,6 +42,11 @@ class RunFolder:
 
     @classmethod
     def create(cls, recipe: str, root: str = "outputs") -> "RunFolder":
+        path = cls._new_path(recipe, root) if distributed.is_main() else None
+        return cls(Path(distributed.from_main(str(path))))
+
+    @staticmethod
+    def _new_path(recipe: str, root: str) -> Path:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         base = Path(root) / recipe
         base.mkdir(parents=True, exist_ok=True)
@@ -45,7 +54,7 @@ class RunFolder:
             path = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
             try:
                 path.mkdir()
-                return cls(path)
+                return path
             except FileExistsError:
                 continue
         raise UserError(f"{base}: could not find a free run folder name")
@@ -55,19 +64,29 @@ class RunFolder:
         folder = cls(Path(path))
         if (folder.path / "results.md").exists():
             raise UserError(f"--resume {path}: that run already completed; start a new run instead")
-        newest = folder.last_checkpoint()
-        for checkpoint in folder.checkpoint_folders():
+        saved_ranks = json.loads((folder.path / "config.json").read_text()).get("world_size", 1)
+        if saved_ranks != distributed.world_size():
+            raise UserError(f"--resume {path}: that run trained on {saved_ranks} GPU(s) and its checkpoints hold "
+                            f"{saved_ranks} ranks' states; resume it with --gpus {saved_ranks}")
+        if distributed.is_main():
+            folder._clean_for_resume()
+        distributed.barrier()  # the other ranks then find only complete checkpoints
+        return folder
+
+    def _clean_for_resume(self):
+        """Remove what the Trainer could not resume from, and what was logged after the checkpoint it resumes from."""
+        newest = self.last_checkpoint()
+        for checkpoint in self.checkpoint_folders():
             problem = checkpoint_problem(checkpoint)
             if problem:  # unusable, and a later rotation could otherwise delete a good one in its favour
                 print(f"resume: skipping {checkpoint.name} ({problem}: written when the run was killed); removed it")
                 shutil.rmtree(checkpoint)
         step = int(Path(newest).name.split("-")[1]) if newest else 0
         print(f"resume: continuing from {Path(newest).name}" if newest else
-              f"resume: no complete checkpoint in {folder.checkpoints}; training again from step 0 in this folder")
-        folder.trim_metrics_after(step)
+              f"resume: no complete checkpoint in {self.checkpoints}; training again from step 0 in this folder")
+        self.trim_metrics_after(step)
         for marker in ("FAILED", "STOPPED"):
-            (folder.path / marker).unlink(missing_ok=True)
-        return folder
+            (self.path / marker).unlink(missing_ok=True)
 
     def checkpoint_folders(self) -> list[Path]:
         return sorted(self.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -85,12 +104,17 @@ class RunFolder:
         return kept
 
     def write_json(self, name: str, payload: dict):
+        if not distributed.is_main():
+            return
         (self.path / name).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
     def write_config(self, cfg, run):
-        self.write_json("config.json", {"hyperparameters": dataclasses.asdict(cfg), "run": dataclasses.asdict(run)})
+        self.write_json("config.json", {"hyperparameters": dataclasses.asdict(cfg), "run": dataclasses.asdict(run),
+                                        "world_size": distributed.world_size()})
 
     def save_adapter(self, model, tokenizer):
+        if not distributed.is_main():
+            return
         staging = self.path / "adapter.partial"
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
@@ -109,8 +133,10 @@ class RunFolder:
         """STOPPED with the command that continues the run; stopped by a signal, the process then exits 128 + its
         number, as a process that signal ends does, so a scheduler sees the run did not finish."""
         why = f"on {signal.Signals(signum).name}" if signum else "as asked"
-        message = f"stopped after step {step} {why}; continue with: ./run.sh {recipe} --resume {self.path}"
-        (self.path / "STOPPED").write_text(message + "\n")
+        gpus = f" --gpus {distributed.world_size()}" if distributed.world_size() > 1 else ""
+        message = f"stopped after step {step} {why}; continue with: ./run.sh {recipe} --resume {self.path}{gpus}"
+        if distributed.is_main():
+            (self.path / "STOPPED").write_text(message + "\n")
         print(message)
         if signum:
             raise SystemExit(128 + signum)
@@ -119,7 +145,7 @@ class RunFolder:
         return self
 
     def __exit__(self, kind, error, traceback):
-        if error is None or isinstance(error, SystemExit):
+        if error is None or isinstance(error, SystemExit) or not distributed.is_main():
             return False
         if isinstance(error, KeyboardInterrupt):
             reason = f"interrupted; continue with --resume {self.path}"
@@ -137,8 +163,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     adapter, optimizer, scheduler and RNG states, then trainer_state.json last: a kill during the write leaves a file
     missing or trainer_state.json absent, unreadable or at another step."""
     needed = ["trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"]
+    ranks = distributed.world_size()  # the Trainer saves each rank's RNG state: rng_state_<rank>.pth under torchrun
+    needed += ["rng_state.pth"] if ranks == 1 else [f"rng_state_{rank}.pth" for rank in range(ranks)]
     missing = [name for name in needed if not (checkpoint / name).is_file()]
-    missing += [] if any(checkpoint.glob("rng_state*.pth")) else ["rng_state.pth"]
     if missing:
         return "no " + ", ".join(missing)
     try:

@@ -64,6 +64,10 @@ def print_summary(recipe: str, folder: Path, throughput: dict, records: list[dic
     table.add_row("tokens trained", number(throughput.get("tokens_trained"), "", 0))
     table.add_row("tokens/s", number(throughput.get("tokens_per_s"), "", 0))
     table.add_row("peak GPU memory", number(throughput.get("peak_gpu_memory_gib"), " GiB"))
+    if throughput.get("world_size"):
+        table.add_row("GPUs", str(throughput["world_size"]))
+        table.add_row("tokens/s a GPU", number(throughput["tokens_per_s_per_gpu"], "", 0))
+        table.add_row("peak a GPU", " / ".join(number(peak, " GiB") for peak in throughput["peak_gpu_memory_gib_per_gpu"]))
     best_eval_loss = min((r["eval_loss"] for r in records if "eval_loss" in r), default=None)
     if best_eval_loss is not None:
         table.add_row("best eval loss", number(best_eval_loss, "", 4))
@@ -73,3 +77,13 @@ def print_summary(recipe: str, folder: Path, throughput: dict, records: list[dic
     console.print(f"results:   {folder / 'results.md'}", soft_wrap=True, highlight=False)
     console.print(f"try it:    ./run.sh chat {folder}", soft_wrap=True, highlight=False)
     console.print(f"export it: ./run.sh export {folder} --format gguf", soft_wrap=True, highlight=False)
+
+
+def per_gpu(throughput: dict) -> str:
+    """For results.md: how a run on several GPUs shared the work ("" on one)."""
+    if not throughput.get("world_size"):
+        return ""
+    peaks = " / ".join("n/a" if peak is None else f"{peak:.2f}" for peak in throughput["peak_gpu_memory_gib_per_gpu"])
+    per_second = throughput["tokens_per_s_per_gpu"]
+    return (f"; on {throughput['world_size']} GPUs together, "
+            f"{'n/a' if per_second is None else f'{per_second:,.0f}'} tokens/s a GPU, peak GiB by GPU {peaks}")

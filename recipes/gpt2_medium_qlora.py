@@ -4,6 +4,8 @@ Card: GPT-2 Medium (355M), LoRA on c_attn (alpha 16, dropout 0.05) at ranks 2, 4
 seed: on an NF4 base (QLoRA) and on a 16-bit base; 1,000 Stanford Alpaca rows, ### Instruction / Input / Response.
 Beyond the card: QLoRA at the largest rank once more from another seed, the yardstick for the cosines.
 Launch: ./run.sh gpt2_medium_qlora          offline check on CPU: ./run.sh gpt2_medium_qlora --smoke
+One GPU only (no --gpus): the study trains its runs one after another in one process and compares their weights, and
+GPT-2 Medium's 200-step runs take minutes on any GPU; more GPUs would only add start-up and synchronisation.
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
 
@@ -22,6 +24,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
+from common import distributed
 from common.callbacks import MetricsRecorder
 from common.config import parse
 from common.data import read_rows
@@ -48,7 +51,9 @@ SIDES = {"qlora": "4-bit base, LoRA via Unsloth's get_peft_model", "lora": "16-b
 
 @dataclass
 class Config:
-    """GPT-2 Medium: QLoRA vs 16-bit LoRA at ranks 2, 4, 8, 16 on Alpaca."""
+    """GPT-2 Medium: QLoRA vs 16-bit LoRA at ranks 2, 4, 8, 16 on Alpaca.
+
+    One GPU only (no --gpus): the study trains its runs one after another in one process and compares their weights."""
     model_name: str = "gpt2-medium"  # card: 355M parameters, 24 layers, hidden 1024, 16 heads, context 1024
     max_seq_length: int = 512  # Alpaca rows are short: half the card's 1024 context truncates almost none
     ranks: tuple[int, ...] = (2, 4, 8, 16)  # card: the ranks compared; --ranks 2,4 runs a subset
@@ -168,6 +173,7 @@ def check_options(cfg, run):
     if cfg.pad_to_multiple_of < 1:
         raise UserError(f"--pad-to-multiple-of {cfg.pad_to_multiple_of}: use 1 (pad each batch to its longest row) "
                         "or more, e.g. 64")
+    distributed.refuse(RECIPE, "its study trains several runs one after another and compares their weights")
     if run.resume or run.stop_after_step:
         raise UserError("--resume and --stop-after-step are not supported by this study: its runs are short (200 "
                         "steps) and compared as whole runs; start it again")

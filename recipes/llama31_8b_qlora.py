@@ -3,6 +3,8 @@
 Card: Llama-3.1-8B (instruct or base) quantized to 4-bit and frozen; LoRA A/B adapters at rank 8, alpha 2 x rank, on
 q,k,v,o; chat data in any format the toolkit reads; "start at rank 8, double until returns diminish" as --rank-sweep.
 Launch: ./run.sh llama31_8b_qlora     offline check on CPU: ./run.sh llama31_8b_qlora --smoke
+Several GPUs: ./run.sh llama31_8b_qlora --gpus 2 (effective batch 8 kept: 4 accumulation steps become 2 a GPU);
+--rank-sweep runs in one process (it trains one rank after another and compares them).
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
 
@@ -18,7 +20,8 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel, get_chat_template, train_on_responses_only
 
-from common.batching import settle_batching, token_budget_batches
+from common import distributed
+from common.batching import pass_budget, settle_batching, token_budget_batches
 from common.callbacks import MetricsRecorder, StopOnRequest
 from common.chat import TURN_MARKERS, conversation_dataset, generate_reply
 from common.config import parse
@@ -27,7 +30,7 @@ from common.errors import UserError, run_main
 from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
-from common.report import loggers, print_summary
+from common.report import loggers, per_gpu, print_summary
 from common.smoke import tiny_model
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
@@ -51,12 +54,15 @@ OPTIONAL_CONFIG_KEYS = ("num_key_value_heads", "tie_word_embeddings")  # absent:
 BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "8-bit": 1, "4-bit": 0.5}
 # What each trained rank reports, in manifest.json and in the sweep's table.
 RESULT_KEYS = ("rank", "lora_alpha", "trainable_parameters", "adapter_mb", "eval_loss", "best_step", "batching",
-               "median_step_time_s", "tokens_per_s", "peak_gpu_memory_gib")
+               "token_budget", "batch", "median_step_time_s", "tokens_per_s", "peak_gpu_memory_gib")
+PER_GPU_KEYS = ("world_size", "tokens_per_s_per_gpu", "peak_gpu_memory_gib_per_gpu")  # runs on several GPUs only
 
 
 @dataclass
 class Config:
-    """Llama-3.1-8B QLoRA (instruct or base), with --rank-sweep and --estimate-memory."""
+    """Llama-3.1-8B QLoRA (instruct or base), with --rank-sweep and --estimate-memory.
+
+    --gpus N trains one rank on N GPUs; --rank-sweep runs in one process (one rank after another, compared)."""
     variant: str = "instruct"  # card: instruct (Llama 3.1 chat) for many tasks; base (plain Alpaca format) for one
     model_name: str = ""  # empty: the variant's Unsloth 4-bit checkpoint (VARIANTS); or a hub id or local folder
     load_in_4bit: bool = True  # card: QLoRA, the frozen base in 4-bit NF4 (about 5.6 GB for 8B instead of 16)
@@ -71,6 +77,7 @@ class Config:
     eval_fraction: float = 0.05  # held out, seeded: the rank sweep compares ranks on this split
     per_device_train_batch_size: int = 2  # Unsloth's notebook value: fits a 16 GB T4 in 4-bit
     gradient_accumulation_steps: int = 4  # effective batch 8, as in Unsloth's notebooks
+    token_budget: str = "auto"  # choice: card|auto|N tokens a pass; auto: fewest passes a 24 GiB+ GPU holds, same rows
     learning_rate: float = 2e-4  # the QLoRA paper's rate for 7-13B models
     warmup_steps: int = 10  # a short linear warmup: the adapters start at zero (B = 0)
     lr_scheduler_type: str = "linear"  # linear decay after warmup, Unsloth's notebook default
@@ -99,6 +106,9 @@ def main(argv=None):
     if cfg.estimate_memory:
         print(memory_estimate(model_name, ranks, cfg))
         return
+    if len(ranks) > 1:
+        distributed.refuse(f"{RECIPE} --rank-sweep", "it trains one rank after another and compares them")
+    distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
     hardware = detect(run.precision)
     set_seed(cfg.seed)
     folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
@@ -106,7 +116,8 @@ def main(argv=None):
         folder.write_config(cfg, run)
         print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
         if run.smoke:
-            model_name = tiny_model("llama-3.1", read_rows(cfg.data), folder=folder.smoke_base)
+            with distributed.main_first():
+                model_name = tiny_model("llama-3.1", read_rows(cfg.data), folder=folder.smoke_base)
 
         # Steps 1-5 once per rank: one run at --lora-r, or, with --rank-sweep, the card's doubling rule.
         swept, results = len(ranks) > 1, []
@@ -132,7 +143,7 @@ def main(argv=None):
         folder.write_json("manifest.json", manifest(
             RECIPE, hardware, cfg.seed, kept["data"], kept["precision"], model_name=model_name,
             optimizer=kept["optimizer"],
-            **{key: kept[key] for key in RESULT_KEYS},
+            **{key: kept[key] for key in RESULT_KEYS + PER_GPU_KEYS if key in kept},
             sweep=[{key: r[key] for key in RESULT_KEYS} for r in results] if swept else None))
         folder.write_results(results_markdown(cfg, model_name, results, chosen, swept),
                              loss_curves={f"r{r['rank']}" if swept else "": r["records"] for r in results})
@@ -161,12 +172,15 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
     print(f"rank {rank}: data {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
 
     # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss. A step's
-    #    8 conversations run as passes of at most 2 x 2048 tokens: short ones share a pass (common/batching.py).
+    #    8 conversations run as passes of at most --token-budget tokens: short ones share a pass (common/batching.py);
+    #    with N GPUs each takes 8 / N of them.
+    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
+    budget = pass_budget(cfg.token_budget, model, cfg.per_device_train_batch_size, accumulation, cfg.max_seq_length,
+                         hardware.precision)
     recorder = MetricsRecorder(folder.metrics)
     # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED. A sweep cannot resume: a signal ends it there.
     stop = StopOnRequest(run.stop_after_step, signals=not cfg.rank_sweep)
-    with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                              cfg.max_seq_length) as batches:
+    with token_budget_batches(cfg.per_device_train_batch_size, accumulation, budget["tokens_a_pass"]) as batches:
         trainer = SFTTrainer(
             model=model,
             processing_class=tokenizer,
@@ -185,7 +199,7 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
                 **training_precision_flags(hardware.precision)),
         )
     trainer = train_on_responses_only(trainer, instruction_part=user_marker, response_part=reply_marker)
-    batching = settle_batching(trainer, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+    batching = settle_batching(trainer, cfg.per_device_train_batch_size, accumulation)
     recorder.count_tokens_of(trainer)
     reset_peak_memory()
     trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
@@ -195,6 +209,7 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
 
     # 5. Evaluate the kept (best) checkpoint, answer a few held-out prompts, save the adapter.
     final_eval = trainer.evaluate(metric_key_prefix="final")
+    distributed.only_main_continues()
     FastLanguageModel.for_inference(model)
     samples = []
     for messages in eval_rows[:cfg.sample_prompts]:
@@ -206,7 +221,8 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
                   eval_loss=final_eval["final_loss"],
                   best_step=int(Path(trainer.state.best_model_checkpoint).name.split("-")[1]),
                   optimizer=optimizer_that_ran(trainer), data=data, samples=samples, records=recorder.records,
-                  precision=precision_of(model), batching=batching,
+                  precision=precision_of(model), batching=batching, token_budget=budget,
+                  batch=distributed.batch_layout(cfg.per_device_train_batch_size, accumulation),
                   **recorder.summary())
     print(f"rank {rank}: eval loss {result['eval_loss']:.4f}, {result['trainable_parameters']:,} trainable parameters, "
           f"adapter {result['adapter_mb']:.2f} MB")
@@ -340,7 +356,7 @@ def results_markdown(cfg, model_name, results, chosen, swept) -> str:
              f"parameters, adapter {kept['adapter_mb']:.2f} MB",
              f"- kept checkpoint: step {kept['best_step']} (lowest eval loss); eval loss {kept['eval_loss']:.4f}",
              f"- median step time {fmt(kept['median_step_time_s'], ' s')}, {fmt(kept['tokens_per_s'], ' tokens/s')}, "
-             f"peak GPU memory {fmt(kept['peak_gpu_memory_gib'], ' GiB')}"]
+             f"peak GPU memory {fmt(kept['peak_gpu_memory_gib'], ' GiB')}{per_gpu(kept)}"]
     if swept:
         lines += ["", f"## Rank sweep: double the rank while eval loss improves by at least {cfg.min_gain:.1%}", "",
                   "| rank | alpha | trainable parameters | adapter MB | eval loss | gain | peak memory GiB | s/step "

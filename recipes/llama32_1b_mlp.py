@@ -5,6 +5,8 @@ Card: 4-bit Llama-3.2-1B-Instruct, LoRA r16/alpha16 on gate, up and down project
 before and after training; a manifest check that only MLP modules carry adapters and attention stayed bit-identical.
 Launch: ./run.sh llama32_1b_mlp --data my_qa.jsonl     offline check on CPU: ./run.sh llama32_1b_mlp --smoke
 (run.sh exports PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the card's expandable CUDA segments)
+Several GPUs: ./run.sh llama32_1b_mlp --data my_qa.jsonl --gpus 2 (the card's effective batch of 8 kept: 4 accumulation
+steps become 2 a GPU)
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
 
@@ -18,7 +20,8 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
-from common.batching import settle_batching, token_budget_batches
+from common import distributed
+from common.batching import pass_budget, settle_batching, token_budget_batches
 from common.callbacks import MetricsRecorder, StopOnRequest
 from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
 from common.config import parse
@@ -27,7 +30,7 @@ from common.errors import UserError, run_main
 from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
-from common.report import loggers, print_summary
+from common.report import loggers, per_gpu, print_summary
 from common.smoke import tiny_model
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
@@ -52,6 +55,7 @@ class Config:
     held_out_questions: int = 5  # seeded, never trained on: answered before and after training in results.md
     per_device_train_batch_size: int = 2  # card: 2 rows a step
     gradient_accumulation_steps: int = 4  # card: effective batch 8
+    token_budget: str = "auto"  # choice: card|auto|N tokens a pass; auto: fewest passes a 24 GiB+ GPU holds, same rows
     learning_rate: float = 2e-4  # card: 2e-4
     warmup_steps: int = 5  # card: 5 steps of linear warmup
     lr_scheduler_type: str = "linear"  # card: linear decay to zero at max_steps
@@ -73,7 +77,9 @@ def main(argv=None):
     if not cfg.data:
         raise UserError(f"{RECIPE} trains on your own Q&A: give --data, e.g. --data my_qa.jsonl with rows like "
                         '{"question": "...", "answer": "..."} (the bundled sample: --data recipes/data/repo_qa_sample.jsonl)')
+    distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
     hardware = detect(run.precision)
+    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
     set_seed(cfg.seed)
     folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
     with folder:
@@ -82,7 +88,8 @@ def main(argv=None):
 
         # 1. Load the 4-bit base model and the Llama 3.1 chat template; fingerprint attention as loaded.
         if run.smoke:
-            cfg.model_name = tiny_model("llama-3.1", read_rows(cfg.data), folder=folder.smoke_base)
+            with distributed.main_first():
+                cfg.model_name = tiny_model("llama-3.1", read_rows(cfg.data), folder=folder.smoke_base)
         model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit)
         tokenizer = set_chat_template(tokenizer, cfg.chat_template)
         attention_before = attention_fingerprints(model)
@@ -98,10 +105,12 @@ def main(argv=None):
         print(f"data: {data['report']}; train {data['train']:,}, held out {data['eval']:,}")
 
         # 4. Train with loss on answers only; the held-out questions give a loss before and after training. A step's
-        #    8 rows run as passes of at most 2 x 2048 tokens: short ones share a pass (common/batching.py).
+        #    8 rows run as passes of at most --token-budget tokens: short ones share a pass (common/batching.py); with N
+        #    GPUs each takes 8 / N of them.
         stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
-        with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                  cfg.max_seq_length) as batches:
+        budget = pass_budget(cfg.token_budget, model, cfg.per_device_train_batch_size, accumulation,
+                             cfg.max_seq_length, hardware.precision)
+        with token_budget_batches(cfg.per_device_train_batch_size, accumulation, budget["tokens_a_pass"]) as batches:
             trainer = SFTTrainer(
                 model=model,
                 processing_class=tokenizer,
@@ -131,7 +140,7 @@ def main(argv=None):
                 ),
             )
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
-        batching = settle_batching(trainer, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+        batching = settle_batching(trainer, cfg.per_device_train_batch_size, accumulation)
         # LoRA's B matrices start at zero, so before training the adapted model answers exactly as the base model.
         loss_before = trainer.evaluate(metric_key_prefix="before")["before_loss"]
         answers_before = answer(model, tokenizer, questions, cfg.max_new_tokens)
@@ -148,6 +157,7 @@ def main(argv=None):
 
         # 5. Evaluate: held-out loss and answers after training; adapters only on the MLP; attention bit-identical.
         loss_after = trainer.evaluate(metric_key_prefix="after")["after_loss"]
+        distributed.only_main_continues()
         answers_after = answer(model, tokenizer, questions, cfg.max_new_tokens)
         check = mlp_only_check(model, attention_before)
         print(f"check: {len(check['lora_modules'])} LoRA modules, only on MLP: {check['lora_only_on_mlp']}; "
@@ -160,7 +170,8 @@ def main(argv=None):
                    for (prompt, reference), before, after in zip(questions, answers_before, answers_after)]
         folder.write_json("manifest.json", manifest(
             RECIPE, hardware, cfg.seed, data, precision_of(model), optimizer=optimizer_that_ran(trainer),
-            batching=batching, held_out_loss_before=loss_before, held_out_loss_after=loss_after,
+            batching=batching, token_budget=budget,
+            batch=distributed.batch_layout(cfg.per_device_train_batch_size, accumulation), held_out_loss_before=loss_before, held_out_loss_after=loss_after,
             held_out_questions=[s[0] for s in samples], **check, **throughput))
         folder.write_results(results_markdown(data, recorder.records, (loss_before, loss_after), check, throughput,
                                               samples), loss_curves={"": recorder.records})
@@ -222,7 +233,7 @@ def results_markdown(data, records, held_out_losses, check, throughput, samples)
              f"{check['attention_weights_checked']} attention weights bit-identical after training: {frozen}",
              f"- median step time {fmt(throughput['median_step_time_s'], 's')}, "
              f"{fmt(throughput['tokens_per_s'], ' tokens/s')}, "
-             f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], ' GiB')}",
+             f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], ' GiB')}{per_gpu(throughput)}",
              "",
              "## Held-out questions, answered before and after fine-tuning", "",
              "| question | reference answer | before | after |", "|---|---|---|---|"]

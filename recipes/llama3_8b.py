@@ -3,6 +3,7 @@
 Card: 4-bit Llama-3-8B-Instruct, LoRA r8/alpha16 on q,k,v,o; 50k FineTome conversations split 80/20; loss on
 assistant turns; eval every 100 steps, the best checkpoint by eval loss is kept.
 Launch: ./run.sh llama3_8b          offline check on CPU: ./run.sh llama3_8b --smoke
+Several GPUs: ./run.sh llama3_8b --gpus 2 (the card's effective batch of 16 kept: 8 accumulation steps become 4 a GPU)
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
 
@@ -13,7 +14,8 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
-from common.batching import settle_batching, token_budget_batches
+from common import distributed
+from common.batching import pass_budget, settle_batching, token_budget_batches
 from common.callbacks import MetricsRecorder, MovingAverageEvalLoss, StopOnRequest
 from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
 from common.config import parse
@@ -22,7 +24,7 @@ from common.errors import run_main
 from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model
 from common.outputs import RunFolder, manifest, optimizer_that_ran
-from common.report import loggers, print_summary
+from common.report import loggers, per_gpu, print_summary
 from common.smoke import tiny_model
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
@@ -49,6 +51,7 @@ class Config:
     eval_fraction: float = 0.2  # card: 80% train / 20% eval, seeded
     per_device_train_batch_size: int = 2  # card: batch 2
     gradient_accumulation_steps: int = 8  # card: effective batch 16
+    token_budget: str = "auto"  # choice: card|auto|N tokens a pass; auto: fewest passes a 24 GiB+ GPU holds, same rows
     learning_rate: float = 1e-4  # card: 1e-4
     warmup_steps: int = 100  # card: 100 steps of linear warmup
     lr_scheduler_type: str = "cosine"  # card: cosine decay after warmup
@@ -70,7 +73,9 @@ SMOKE = dict(data=str(SAMPLE_DATA), max_seq_length=512, max_samples=0, gradient_
 
 def main(argv=None):
     cfg, run = parse(Config, argv, smoke=SMOKE)
+    distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
     hardware = detect(run.precision)
+    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
     set_seed(cfg.seed)
     folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
     with folder:
@@ -79,7 +84,8 @@ def main(argv=None):
 
         # 1. Load the 4-bit base model and the Llama 3 chat template.
         if run.smoke:
-            cfg.model_name = tiny_model("llama-3", read_rows(cfg.data), folder=folder.smoke_base)
+            with distributed.main_first():
+                cfg.model_name = tiny_model("llama-3", read_rows(cfg.data), folder=folder.smoke_base)
         model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit,
                                       attn_implementation=cfg.attn_implementation)
         tokenizer = set_chat_template(tokenizer, cfg.chat_template)
@@ -97,13 +103,15 @@ def main(argv=None):
         eval_for_loss = eval_rows[:cfg.max_eval_samples]
 
         # 4. Train with loss on assistant turns only; checkpoint at every evaluation, keep the best by eval loss. A step's
-        #    16 conversations run as passes of at most 2 x 1024 tokens: short ones share a pass (common/batching.py).
+        #    16 conversations run as passes of at most --token-budget tokens: short ones share a pass
+        #    (common/batching.py); with N GPUs each takes 16 / N of them.
+        budget = pass_budget(cfg.token_budget, model, cfg.per_device_train_batch_size, accumulation,
+                             cfg.max_seq_length, hardware.precision)
         recorder = MetricsRecorder(folder.metrics)
         stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
         moving_average = MovingAverageEvalLoss(cfg.moving_average_window,
                                                [r["eval_loss"] for r in recorder.records if "eval_loss" in r])
-        with token_budget_batches(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                  cfg.max_seq_length) as batches:
+        with token_budget_batches(cfg.per_device_train_batch_size, accumulation, budget["tokens_a_pass"]) as batches:
             trainer = SFTTrainer(
                 model=model,
                 processing_class=tokenizer,
@@ -137,7 +145,7 @@ def main(argv=None):
                 ),
             )
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
-        batching = settle_batching(trainer, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+        batching = settle_batching(trainer, cfg.per_device_train_batch_size, accumulation)
         recorder.count_tokens_of(trainer)
         reset_peak_memory()
         trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
@@ -147,6 +155,7 @@ def main(argv=None):
 
         # 5. Evaluate the kept (best) checkpoint and answer a few held-out prompts.
         final_eval = trainer.evaluate(metric_key_prefix="final")
+        distributed.only_main_continues()
         best = trainer.state.best_model_checkpoint  # None when no evaluation ran (eval_steps > max_steps)
         best_step = int(Path(best).name.split("-")[1]) if best else trainer.state.global_step
         FastLanguageModel.for_inference(model)
@@ -160,7 +169,9 @@ def main(argv=None):
         throughput = recorder.summary()
         folder.write_json("manifest.json", manifest(
             RECIPE, hardware, cfg.seed, data, precision_of(model), optimizer=optimizer_that_ran(trainer),
-            batching=batching, best_step=best_step, best_eval_loss=trainer.state.best_metric, final_eval_loss=final_eval["final_loss"],
+            batching=batching, token_budget=budget,
+            batch=distributed.batch_layout(cfg.per_device_train_batch_size, accumulation), best_step=best_step,
+            best_eval_loss=trainer.state.best_metric, final_eval_loss=final_eval["final_loss"],
             **throughput))
         folder.write_results(results_markdown(cfg, data, recorder.records, best_step, final_eval, throughput, samples),
                              loss_curves={"": recorder.records})
@@ -174,7 +185,7 @@ def results_markdown(cfg, data, records, best_step, final_eval, throughput, samp
              f"- data: {data['source']} - {data['report']}; train {data['train']:,}, eval {data['eval']:,}",
              f"- kept checkpoint: step {best_step} (lowest eval loss); its eval loss now: {final_eval['final_loss']:.4f}",
              f"- median step time {fmt(throughput['median_step_time_s'], 's')}, {fmt(throughput['tokens_per_s'], ' tokens/s')}, "
-             f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], ' GiB')}", "",
+             f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], ' GiB')}{per_gpu(throughput)}", "",
              f"| step | eval loss | moving average ({cfg.moving_average_window}) | kept |", "|---:|---:|---:|:---:|"]
     for entry in evals:
         kept = "yes" if entry["step"] == best_step else ""

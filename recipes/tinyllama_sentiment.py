@@ -3,6 +3,7 @@
 Card: TinyLlama-1.1B-Chat-v1.0 in 4-bit NF4 (double quantization, bf16 compute; fp16 on a T4), LoRA on q,k,v,o;
 tweet_eval sentiment as a chat whose system prompt asks for one word, loss on that word; macro-F1 on the test split.
 Launch: ./run.sh tinyllama_sentiment          offline check on CPU: ./run.sh tinyllama_sentiment --smoke
+Several GPUs: ./run.sh tinyllama_sentiment --gpus 2 (effective batch 32 kept: 2 accumulation steps become 1 a GPU)
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
 
@@ -22,6 +23,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 from unsloth import FastLanguageModel
 
+from common import distributed
 from common.callbacks import MetricsRecorder, StopOnRequest
 from common.chat import generate_reply, set_chat_template
 from common.config import parse
@@ -30,7 +32,7 @@ from common.errors import UserError, run_main
 from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model, quantization_in_use
 from common.outputs import RunFolder, manifest, optimizer_that_ran
-from common.report import loggers, print_summary
+from common.report import loggers, per_gpu, print_summary
 from common.smoke import tiny_model
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
@@ -78,7 +80,9 @@ SMOKE = dict(data=str(SAMPLE_DATA), per_device_train_batch_size=8, gradient_accu
 
 def main(argv=None):
     cfg, run = parse(Config, argv, smoke=SMOKE)
+    distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
     hardware = detect(run.precision)
+    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
     set_seed(cfg.seed)
     folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
     with folder:
@@ -99,9 +103,10 @@ def main(argv=None):
 
         # 2. The 4-bit base model in TinyLlama-Chat's template, LoRA on the attention projections.
         if run.smoke:  # the tokenizer learns the label words as the real one knows them: whole tokens
-            cfg.model_name = tiny_model("zephyr", [{"text": SYSTEM_PROMPT}] + [
-                {"text": row["text"], "answer": LABELS[row["label"]]} for rows in splits.values() for row in rows],
-                folder=folder.smoke_base)
+            with distributed.main_first():
+                cfg.model_name = tiny_model("zephyr", [{"text": SYSTEM_PROMPT}] + [
+                    {"text": row["text"], "answer": LABELS[row["label"]]} for rows in splits.values() for row in rows],
+                    folder=folder.smoke_base)
         model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit)
         tokenizer = set_chat_template(tokenizer, cfg.chat_template)
         model = FastLanguageModel.get_peft_model(
@@ -132,7 +137,7 @@ def main(argv=None):
                 completion_only_loss=True,
                 per_device_train_batch_size=cfg.per_device_train_batch_size,
                 per_device_eval_batch_size=cfg.per_device_train_batch_size,
-                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                gradient_accumulation_steps=accumulation,
                 learning_rate=cfg.learning_rate,
                 warmup_steps=cfg.warmup_steps,
                 lr_scheduler_type=cfg.lr_scheduler_type,
@@ -156,6 +161,7 @@ def main(argv=None):
         if trainer.state.global_step < cfg.max_steps or stop.signal:
             folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
             return
+        distributed.only_main_continues()
 
         # 5. Fine-tuned: the same test tweets, the same scoring; the majority class is the score to beat.
         FastLanguageModel.for_inference(model)
@@ -175,7 +181,8 @@ def main(argv=None):
             RECIPE, hardware, cfg.seed, data, precision_of(model), system_prompt=SYSTEM_PROMPT,
             quantization=quantization_in_use(model), optimizer=optimizer_that_ran(trainer),
             zero_shot_macro_f1=zero_shot["constrained"]["macro_f1"],
-            fine_tuned_macro_f1=fine_tuned["constrained"]["macro_f1"], **throughput))
+            fine_tuned_macro_f1=fine_tuned["constrained"]["macro_f1"],
+            batch=distributed.batch_layout(cfg.per_device_train_batch_size, accumulation), **throughput))
         folder.write_results(results_markdown(cfg, data, metrics, throughput), loss_curves={"": recorder.records})
         print(f"done: macro-F1 zero-shot {zero_shot['constrained']['macro_f1']:.4f}, fine-tuned "
               f"{fine_tuned['constrained']['macro_f1']:.4f}, majority class "
@@ -340,7 +347,7 @@ def results_markdown(cfg, data, metrics, throughput) -> str:
         f"{data['dropped'] or 'none'}) for {cfg.max_steps} steps; {data['test']:,} test tweets",
         f"- median step time {fmt(throughput['median_step_time_s'], '.2f', ' s')}, "
         f"{fmt(throughput['tokens_per_s'], ',.0f', ' tokens/s')}, "
-        f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], '.2f', ' GiB')}",
+        f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], '.2f', ' GiB')}{per_gpu(throughput)}",
         "- every test tweet with its label and predictions: predictions.jsonl; every number: metrics.json", "",
         *table(["split", *LABELS], [[split, *(n[w] for w in LABELS)] for split, n in data["label_counts"].items()]),
         "", "## Test split, constrained choice (the most likely of the three answers)", "",

@@ -1,10 +1,14 @@
-"""common.batching: the SFTConfig batch arguments it yields and the Unsloth token budget it sets only while a trainer
-is built."""
+"""common.batching: the SFTConfig batch arguments it yields, the Unsloth token budget it sets only while a trainer is
+built, how --token-budget card|auto|N sizes a pass, and how ranks are made to agree on a step's number of passes."""
 import os
 
 import pytest
 
-from common.batching import TOKEN_BUDGET_VARIABLE, token_budget_batches
+import torch
+
+from common import batching
+from common.batching import TOKEN_BUDGET_VARIABLE, pass_budget, token_budget_batches
+from common.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -13,7 +17,7 @@ def no_budget_set(monkeypatch):
 
 
 def test_a_step_is_one_micro_batch_run_as_passes_of_the_cards_rows_at_full_length():
-    with token_budget_batches(2, 8, 1024) as batches:  # llama3_8b's card: 2 rows a pass, 8 passes, 1024 tokens
+    with token_budget_batches(2, 8, 2 * 1024) as batches:  # llama3_8b's card: 2 rows of 1024 tokens a pass, 8 passes
         assert batches == {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1}
         assert os.environ[TOKEN_BUDGET_VARIABLE] == "2048"
     assert TOKEN_BUDGET_VARIABLE not in os.environ
@@ -21,7 +25,7 @@ def test_a_step_is_one_micro_batch_run_as_passes_of_the_cards_rows_at_full_lengt
 
 def test_a_budget_set_before_is_restored_even_when_building_the_trainer_fails(monkeypatch):
     monkeypatch.setenv(TOKEN_BUDGET_VARIABLE, "512")
-    with pytest.raises(RuntimeError), token_budget_batches(2, 4, 2048):
+    with pytest.raises(RuntimeError), token_budget_batches(2, 4, 4096):
         assert os.environ[TOKEN_BUDGET_VARIABLE] == "4096"
         raise RuntimeError("the trainer could not be built")
     assert os.environ[TOKEN_BUDGET_VARIABLE] == "512"
@@ -41,7 +45,7 @@ def tiny_trainer(tmp_path, **config):
                                                          max_seq_length=256, load_in_4bit=False)
     tokenizer = set_chat_template(tokenizer, "llama-3")
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    with token_budget_batches(2, 4, 256) as batches:
+    with token_budget_batches(2, 4, 2 * 256) as batches:
         return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=conversation_dataset([conversation] * 16),
                           args=SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", max_length=256,
                                          **batches, **config))
@@ -62,3 +66,72 @@ def test_without_unsloths_split_a_step_goes_back_to_the_cards_micro_batches(tmp_
     assert rows_per_batch(trainer) == [2] * 8
     assert "the card's micro-batches, 2 rows x 4 accumulation steps: this Unsloth backend does not split" in \
         capsys.readouterr().out
+
+
+def test_card_and_a_number_set_the_pass_and_bad_settings_are_one_line():
+    # llama3_8b's card: 2 rows x 1024 tokens a pass, 8 passes a step
+    assert pass_budget("card", None, 2, 8, 1024, "bf16") == {"setting": "card", "tokens_a_pass": 2048,
+                                                             "passes_a_full_step": 8}
+    assert pass_budget("4096", None, 2, 8, 1024, "bf16")["passes_a_full_step"] == 4
+    with pytest.raises(UserError, match=r"^--token-budget 1000: a pass must hold one full-length row; give at least "
+                                        r"1024 \(max_seq_length\), or card or auto$"):
+        pass_budget("1000", None, 2, 8, 1024, "bf16")
+    with pytest.raises(UserError, match="^--token-budget expects card, auto or a number of tokens, got 'max'$"):
+        pass_budget("max", None, 2, 8, 1024, "bf16")
+
+
+def test_auto_keeps_the_cards_passes_without_a_big_gpu():
+    chosen = pass_budget("auto", None, 2, 8, 1024, "fp32")  # this machine: no GPU
+    assert chosen["tokens_a_pass"] == 2048 and chosen["reason"] == "no GPU of 24 GiB or more: the card's passes"
+
+
+@pytest.mark.parametrize("free_gib, tokens_a_pass, passes", [
+    (100, 16_384, 1),  # 80 GiB at 1 MiB a token holds 81,920 tokens: the whole step (2 x 8 x 1024) in one pass
+    (4, 3_072, 6),  # 3.2 GiB holds 3,276 tokens: whole rows of 1024, so 3,072, and a step of 16,384 in 6 passes
+    (1, 2_048, 8),  # less than the card's pass: never below the card's
+])
+def test_auto_sizes_passes_to_free_memory(monkeypatch, free_gib, tokens_a_pass, passes):
+    monkeypatch.setattr(batching, "vram_gib", lambda: (free_gib, 139.0))
+    monkeypatch.setattr(batching, "activation_bytes_per_token", lambda model, length, precision: 2**20)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (free_gib * 2**30, 139 * 2**30))
+    chosen = pass_budget("auto", None, 2, 8, 1024, "bf16")
+    assert (chosen["tokens_a_pass"], chosen["passes_a_full_step"]) == (tokens_a_pass, passes)
+    assert chosen["reason"] == f"1.00 MiB a token measured, {free_gib:.1f} GiB free"
+
+
+def padding_free_batch(lengths: list[int]) -> dict:
+    """One [1, T] row of several conversations, as Unsloth's padding-free collator builds it: position ids restart at
+    each row, and each row's first label is masked (so a pass may end there)."""
+    ids = torch.arange(sum(lengths)).unsqueeze(0)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    labels = ids.clone()
+    labels[positions == 0] = -100
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
+
+
+def unsloths_splitter():
+    """unsloth.utils.token_budget's splitter, loaded from its file: the package's utils import its GPU models, which
+    the CPU backend does not load."""
+    import importlib.util
+    spec = importlib.util.find_spec("unsloth")
+    path = spec.submodule_search_locations[0] + "/utils/token_budget.py"
+    module_spec = importlib.util.spec_from_file_location("unsloth_token_budget", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.split_batch_by_token_budget
+
+
+def test_a_rank_with_fewer_passes_cuts_its_largest_until_the_counts_agree(monkeypatch):
+    other_rank_passes = 4
+
+    def all_reduce_max(tensor, op):  # another rank needs this many passes for its rows of the step
+        tensor.fill_(max(int(tensor), other_rank_passes))
+    monkeypatch.setattr(batching.dist, "all_reduce", all_reduce_max)
+    split = batching.agreeing(unsloths_splitter())
+    batch = padding_free_batch([300, 200, 400, 100])
+    passes = split(batch, 512)
+    assert [p["input_ids"].shape[1] for p in passes] == [300, 200, 400, 100]  # its own 2 passes (500, 500) cut to 4
+    assert torch.equal(torch.cat([p["input_ids"] for p in passes], dim=1), batch["input_ids"])  # every token once
+    assert all(int(p["position_ids"][0, 0]) == 0 for p in passes)  # cut between rows only
+    other_rank_passes = 1
+    assert [p["input_ids"].shape[1] for p in split(batch, 512)] == [500, 500]

@@ -226,3 +226,40 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
     padding = {regime: runs[f"llama3_8b/{regime}"]["plain_side"]["padding_fraction"] for regime in ("fixed", "chat")}
     assert padding["fixed"] < 0.05 < padding["chat"]
     assert "Smoke run on CPU" in markdown and "`python -m bench.benchmark --smoke --recipes llama3_8b" in markdown
+
+
+def test_scaling_and_token_budget_tables_by_hand():
+    side = lambda tokens, peak, per_gpu=None, tokens_a_pass=None: {
+        "tokens_per_s": tokens, "median_step_time_s": 1.0, "peak_gpu_memory_gib": peak,
+        "peak_gpu_memory_gib_per_gpu": per_gpu, "manifest": {"token_budget": {"tokens_a_pass": tokens_a_pass}}}
+    key = benchmark.variant_key
+    variants = {
+        "llama3_8b/chat": {"recipe": "llama3_8b", "regime": "chat", "shape": "llama-3-8b", "effective_batch": 16,
+                           "sides": {key(1, "card"): side(2_000.0, 6.0, tokens_a_pass=2048),
+                                     key(1, "auto"): side(3_100.0, 9.0, tokens_a_pass=16384),
+                                     key(2, "auto"): side(5_890.0, 9.0, [7.5, 7.1])}},
+        "llama3_8b/fixed": {"recipe": "llama3_8b", "regime": "fixed", "shape": "llama-3-8b", "effective_batch": 16,
+                            "sides": {key(1, "card"): side(5_000.0, 6.0, tokens_a_pass=2048),
+                                      key(1, "auto"): side(4_700.0, 9.0, tokens_a_pass=16384),
+                                      key(2, "auto"): side(9_000.0, 9.0, [9.5, 9.1])}},
+        "tinyllama_sentiment/chat": {"recipe": "tinyllama_sentiment", "regime": "chat", "shape": "tinyllama-1.1b",
+                                     "effective_batch": 32,
+                                     "sides": {key(1, "default"): side(4_000.0, 1.4),
+                                               key(2, "default"): {"error": "exit 2: error: no NCCL"}}},
+    }
+    scaling = benchmark.scaling_table(variants)[2:]
+    # 8B fixed: 9,000 / 4,700 = 1.91x but a GPU peaked at 9.5 GiB, above one GPU's 9.0: FAIL
+    assert scaling[0] == ("| llama3_8b | fixed | 16 | 4,700 / 9,000 | 1.91x | >= 1.85x | 1.000 / 1.000 | 9.00 / 9.50 "
+                          "| FAIL |")
+    assert scaling[1].startswith("| llama3_8b | chat | 16 | 3,100 / 5,890 | 1.90x |") and scaling[1].endswith(
+        "| 9.00 / 7.50 | pass |")
+    assert scaling[2].startswith("| tinyllama_sentiment | chat | 2 GPUs side failed: exit 2: error: no NCCL |")
+    budget = benchmark.budget_table(variants)[2:]
+    assert len(budget) == 2  # tinyllama has no token budget: no row
+    # fixed rows: 4,700 / 5,000 = 0.94x, under the 0.95 noise floor: FAIL; chat: 1.55x against 1.5: pass
+    assert budget[0] == ("| llama3_8b | fixed | 5,000 / 4,700 | 0.94x | >= 0.95x | 1.000 / 1.000 | 6.00 / 9.00 "
+                         "| 2,048 / 16,384 | FAIL |")
+    assert budget[1].startswith("| llama3_8b | chat | 2,000 / 3,100 | 1.55x | >= 1.50x |")
+    assert budget[1].endswith("| 2,048 / 16,384 | pass |")
+    report = benchmark.report({"runs": {}, "sessions": [], "variants": variants})
+    assert "## Scaling: 1 GPU against 2" in report and "## Token budget: card against auto on one GPU" in report

@@ -94,3 +94,43 @@ exit 0
     assert install.endswith(f"-r {REPO}/requirements.txt -c {REPO}/.torch-constraint.txt")
     assert (REPO / ".torch-constraint.txt").read_text() == "torch==2.8.0+cu126\n"
     assert calls[-1] == "-m recipes.llama3_8b --smoke"
+
+
+def fake_two_gpu_machine(tmp_path):
+    """A PATH where nvidia-smi reports two A100s and python3 logs its arguments (everything counts as installed)."""
+    log = tmp_path / "python-calls.log"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text(f'#!/bin/sh\necho "$*" >> {log}\nexit 0\n')
+    (fake / "nvidia-smi").write_text('#!/bin/sh\nif [ "$1" = -L ]; then\n'
+                                     '  echo "GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-0)"\n'
+                                     '  echo "GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-1)"\n'
+                                     'else echo "NVIDIA A100-SXM4-40GB, 8.0"; fi\n')
+    for program in ("python3", "nvidia-smi"):
+        (fake / program).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path)}
+    env.pop("FT_PRECISION", None)
+    return env, log
+
+
+@pytest.mark.parametrize("gpus", ["2", "all"])
+def test_gpus_launches_torchrun_with_one_process_a_gpu(gpus, tmp_path):
+    env, log = fake_two_gpu_machine(tmp_path)
+    result = subprocess.run([str(REPO / "run.sh"), "llama3_8b", "--gpus", gpus, "--learning-rate", "1e-4"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines()[-1] == (
+        "-m common.launch --standalone --nproc_per_node 2 -m recipes.llama3_8b --learning-rate 1e-4")
+
+
+@pytest.mark.parametrize("gpus, message", [
+    ("4", "error: --gpus 4: this machine has 2 GPU(s); use --gpus 2 or fewer"),
+    ("two", "error: --gpus expects a number of GPUs or all, got 'two' (this machine has 2)"),
+    ("0", "error: --gpus expects a number of GPUs or all, got '0' (this machine has 2)"),
+])
+def test_gpus_beyond_the_machine_is_one_line_before_anything_runs(gpus, message, tmp_path):
+    env, log = fake_two_gpu_machine(tmp_path)
+    result = subprocess.run([str(REPO / "run.sh"), "llama3_8b", "--gpus", gpus], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == message
+    assert not log.exists()  # refused before any install or launch

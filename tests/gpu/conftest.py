@@ -163,9 +163,12 @@ def run_recipe(tmp_path, precision, logits_at_save):
         release_gpu_memory()
         if precision == "fp16":
             torch.cuda.set_per_process_memory_fraction(T4_MEMORY_GIB * 2**30 / torch.cuda.mem_get_info()[1])
+        module = importlib.import_module(f"recipes.{recipe}")
+        # A T4's 15 GiB makes --token-budget auto keep the card's passes; the cap does not change the total memory
+        # auto reads, so the fp16 runs ask for the card's passes as a T4 would get them.
+        as_on_a_t4 = ["--token-budget", "card"] if precision == "fp16" and hasattr(module.Config, "token_budget") else []
         try:
-            importlib.import_module(f"recipes.{recipe}").main([*args, "--precision", precision,
-                                                               "--output-dir", str(output_dir)])
+            module.main([*args, *as_on_a_t4, "--precision", precision, "--output-dir", str(output_dir)])
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
             release_gpu_memory()

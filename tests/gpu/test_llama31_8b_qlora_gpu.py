@@ -13,8 +13,9 @@ from tests.conftest import read_jsonl
 from tests.gpu.conftest import assert_reload_reproduces_training, long_tail_chat_data
 
 SAMPLE = Path(__file__).resolve().parents[2] / "recipes" / "data" / "finetome_sample.jsonl"
+# The card's passes (2 x 2048 tokens): the peak then reads as weights plus one such pass, which the 4-bit check needs.
 SHORT = ("--max-samples", "0", "--warmup-steps", "2", "--max-eval-samples", "8", "--sample-prompts", "1",
-         "--max-new-tokens", "16")
+         "--max-new-tokens", "16", "--token-budget", "card")
 # Llama-3.1-8B's trainable LoRA parameters on q,k,v,o: 32 layers x r x (8192 + 5120 + 5120 + 8192).
 LORA_ATTENTION_PARAMETERS = {8: 6_815_744, 16: 13_631_488}
 

@@ -53,7 +53,7 @@ def test_llama32_1b_mlp_real_shape_trains_the_card_and_reloads(real_shape_model,
     import torch
     left_by_earlier_tests = torch.cuda.memory_allocated() / 2**30  # the suite runs recipes in one process
     folder = run_recipe("llama32_1b_mlp", "--model-name", base, "--data", str(data), "--system-prompt", SYSTEM_PROMPT, "--max-steps", "20",
-                        "--save-steps", "20", "--max-new-tokens", "32")
+                        "--save-steps", "20", "--max-new-tokens", "32", "--token-budget", "card")
     manifest = json.loads((folder / "manifest.json").read_text())
     print(f"\nllama32_1b_mlp on {manifest['gpu']} ({manifest['precision']}): 20 steps of 8 rows, rows of "
           f"{min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):,.0f}); median step "
@@ -66,7 +66,8 @@ def test_llama32_1b_mlp_real_shape_trains_the_card_and_reloads(real_shape_model,
     steps = [r["step"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps[-1] == 20
     # The step's 8 rows reach the Trainer as one micro-batch; run unsplit they would be 16k tokens in one pass. Split
-    # into passes of 2 rows (2 x 2048 tokens), this run's own peak stays at the card's 1.5 GiB.
+    # into the card's passes of 2 rows (2 x 2048 tokens, --token-budget card), this run's own peak stays at the card's
+    # 1.5 GiB.
     state = json.loads((folder / "checkpoints" / "checkpoint-20" / "trainer_state.json").read_text())
     assert state["train_batch_size"] == 8
     assert manifest["peak_gpu_memory_gib"] - left_by_earlier_tests < 2.0, left_by_earlier_tests
