@@ -27,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -78,8 +79,11 @@ RECIPES = {
 TARGETS = {"llama-3-8b": (1.59, 0.65), "llama-3.1-8b": (1.59, 0.65), "tinyllama-1.1b": (1.41, 0.53),
            "llama-3.2-1b": (1.07, 0.51), "gpt2-medium": (1.66, 0.47)}
 CHAT_SPEEDUP = 2.0  # the repository's target on variable-length chat rows, over the padded plain script's tokens/s
+SCALING_TARGET = 1.85  # 2 GPUs against 1 at the same effective batch: tokens/s, with per-GPU peak memory no higher
+AUTO_BUDGET_CHAT_TARGET = 1.5  # --token-budget auto against card on chat rows, one GPU; fixed rows: no slower
 NO_OVERHEAD = 0.95  # a recipe at this share of raw Unsloth's tokens/s or more adds nothing beyond run-to-run noise
-SMOKE_FLAGS = dict(max_seq_length=256, per_device_train_batch_size=2, gradient_accumulation_steps=1)  # CPU-sized
+# CPU-sized; accumulation 2 divides over the 2 processes of a --gpus 1,2 smoke run
+SMOKE_FLAGS = dict(max_seq_length=256, per_device_train_batch_size=2, gradient_accumulation_steps=2)
 
 # The chat sample: log-normal lengths around a few hundred tokens with a long tail, as in real chat exports.
 CHAT_ROWS, CHAT_MEDIAN_WORDS, CHAT_SIGMA, CHAT_MIN_WORDS, CHAT_MAX_WORDS = 400, 220, 0.85, 16, 1900
@@ -287,10 +291,13 @@ def run_logged(command: list[str], log: Path, timeout: int) -> tuple[int | None,
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         try:
-            code = subprocess.run(command, cwd=REPO, env=environment, stdout=output, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # the whole session: torchrun's workers hold GPU memory until they end
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             code = None
     return code, time.perf_counter() - started
 
@@ -311,18 +318,23 @@ def timed_metrics(records: list[dict], warmup: int) -> dict:
     rated = [r for r in timed if r.get("tokens_per_s")]
     seconds = sum(r["step_time_s"] for r in rated)
     peaks = [r["peak_gpu_memory_gib"] for r in records if r.get("peak_gpu_memory_gib") is not None]
+    per_gpu = [r["peak_gpu_memory_gib_per_gpu"] for r in records if r.get("peak_gpu_memory_gib_per_gpu")]
     return {"median_step_time_s": statistics.median(r["step_time_s"] for r in timed) if timed else None,
             "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in rated) / seconds if seconds else None,
             "peak_gpu_memory_gib": max(peaks) if peaks else None, "timed_steps": len(timed),
-            "step_times_s": [round(r["step_time_s"], 4) for r in timed]}  # kept: a median hides a slow step
+            "step_times_s": [round(r["step_time_s"], 4) for r in timed],  # kept: a median hides a slow step
+            "peak_gpu_memory_gib_per_gpu": [max(filter(None, column), default=None) for column in zip(*per_gpu)]
+            if per_gpu else None}
 
 
 def run_recipe_side(name: str, bench: Bench, flags: list[str], model: str, data: str, steps: int, warmup: int,
-                    work: Path, regime: str, timeout: int) -> dict:
+                    work: Path, regime: str, timeout: int, gpus: int = 1, label: str = "recipe") -> dict:
+    """The recipe as a user runs it; with gpus > 1 under torchrun (common.launch), as ./run.sh --gpus does."""
     runs = work / "runs"
     before = set((runs / name).glob("*"))
-    log = work / "logs" / f"{name}-{regime}-recipe.log"
-    command = [sys.executable, "-m", f"recipes.{name}", "--model-name", model, "--data", data,
+    log = work / "logs" / f"{name}-{regime}-{label}.log"
+    launcher = ["-m", "common.launch", "--standalone", "--nproc_per_node", str(gpus)] if gpus > 1 else []
+    command = [sys.executable, *launcher, "-m", f"recipes.{name}", "--model-name", model, "--data", data,
                "--max-steps", str(steps), "--output-dir", str(runs), *flags]
     code, wall = run_logged(command, log, timeout)
     created = sorted(set((runs / name).glob("*")) - before)
@@ -339,7 +351,7 @@ def run_recipe_side(name: str, bench: Bench, flags: list[str], model: str, data:
             "run_folder": relative(folder), "optimizer": manifest.get("optimizer"),
             "batching": batching_logged(logged),
             "manifest": {key: manifest.get(key) for key in ("median_step_time_s", "tokens_per_s",
-                                                            "peak_gpu_memory_gib")}}
+                                                            "peak_gpu_memory_gib", "token_budget", "batch")}}
 
 
 def batching_logged(log: str) -> str:
@@ -394,8 +406,20 @@ def run_reference_side(side: str, name: str, settings: dict, model: str, data: d
     return sides
 
 
-def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: str | None, work: Path) -> dict:
-    """Both regimes of one recipe, both sides; returns {"<name>/<regime>": result}."""
+@dataclass
+class Prepared:
+    """One recipe made ready to measure: its bench row, settings resolved from its Config, model and data files."""
+    bench: Bench
+    steps: int
+    warmup: int
+    cfg: object
+    flags: list[str]
+    settings: dict
+    model: str
+    data: dict
+
+
+def prepare(name: str, args, work: Path) -> Prepared:
     from common.config import parse
     from transformers import AutoTokenizer
     from unsloth import get_chat_template
@@ -413,6 +437,14 @@ def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: st
     data = write_data(name, bench, module, cfg, tokenizer, args.regimes, steps, work / "data")
     print(f"{name}: " + "; ".join(f"{regime} {d['rows']} rows of {d['tokens_min']}-{d['tokens_max']} tokens (mean "
                                   f"{d['tokens_mean']:.0f})" for regime, d in data.items()), flush=True)
+    return Prepared(bench, steps, warmup, cfg, flags, settings, model, data)
+
+
+def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: str | None, work: Path) -> dict:
+    """Both regimes of one recipe, both sides; returns {"<name>/<regime>": result}."""
+    prepared = prepare(name, args, work)
+    bench, steps, warmup, cfg, flags = prepared.bench, prepared.steps, prepared.warmup, prepared.cfg, prepared.flags
+    settings, model, data = prepared.settings, prepared.model, prepared.data
     recipe_sides = {}
     for regime in args.regimes:
         recipe_sides[regime] = run_recipe_side(name, bench, flags, model, data[regime]["recipe_file"], steps, warmup,
@@ -430,6 +462,37 @@ def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: st
             "peak_flops": peak_flops, "precision": precision, "steps": steps, "warmup_steps": warmup,
             "settings": settings, "data": data[regime], "recipe_side": recipe_sides[regime],
             "plain_side": reference["plain"][regime], "raw_side": reference["raw"][regime], "smoke": args.smoke,
+            "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return results
+
+
+def variant_key(gpus: int, budget: str) -> str:
+    return f"gpus={gpus},token_budget={budget}"
+
+
+def measure_variants(name: str, args, gpu: str | None, work: Path) -> dict:
+    """The recipe alone, run several ways on the same rows: on each GPU count of --gpus (the card's effective batch
+    kept, as ./run.sh --gpus does) and at each --token-budgets setting on one GPU. Returns {"<name>/<regime>": result}
+    for results.json's "variants"; the Scaling and Token budget tables are read from it."""
+    prepared = prepare(name, args, work)
+    has_budget = hasattr(prepared.cfg, "token_budget")  # tinyllama_sentiment and gpt2 have no token budget
+    wanted = {(1, budget) for budget in (args.token_budgets if has_budget else [])}
+    wanted |= {(gpus, "auto" if has_budget else "default") for gpus in args.gpus}
+    results = {}
+    for regime in args.regimes:
+        sides = {}
+        for gpus, budget in sorted(wanted):
+            flags = prepared.flags + (["--token-budget", budget] if has_budget else [])
+            side = run_recipe_side(name, prepared.bench, flags, prepared.model, prepared.data[regime]["recipe_file"],
+                                   prepared.steps, prepared.warmup, work, regime, args.side_timeout, gpus=gpus,
+                                   label=f"gpus{gpus}-{budget}")
+            sides[variant_key(gpus, budget)] = side
+            print(f"{name} {regime} {gpus} GPU(s), token budget {budget}: {side_line(side)}", flush=True)
+        results[f"{name}/{regime}"] = {
+            "recipe": name, "regime": regime, "shape": prepared.bench.shape, "gpu": gpu, "steps": prepared.steps,
+            "warmup_steps": prepared.warmup, "data": prepared.data[regime], "sides": sides,
+            "effective_batch": prepared.settings["per_device_train_batch_size"]
+            * prepared.settings["gradient_accumulation_steps"],
             "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return results
 
@@ -573,6 +636,73 @@ def raw_table(runs: dict) -> list[str]:
     return lines
 
 
+def variant_sides(run: dict, first: str, second: str) -> tuple[dict, dict] | None:
+    """The two runs a table compares; where every run of the recipe failed (before any could start, say), the error
+    stands in for both so the row says why."""
+    sides = run["sides"]
+    if first in sides and second in sides:
+        return sides[first], sides[second]
+    if sides and all("error" in side for side in sides.values()):
+        failed = next(iter(sides.values()))
+        return failed, failed
+    return None
+
+
+def scaling_table(variants: dict) -> list[str]:
+    """1 GPU against 2 at the card's effective batch (accumulation halved on each of 2): tokens/s of all GPUs
+    together, and the highest per-GPU peak."""
+    lines = ["| recipe | data | effective batch | tokens/s 1 GPU / 2 GPUs | speed-up | target | median step s 1 / 2 "
+             "| peak GiB a GPU 1 / 2 | result |", "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    for run in ordered(variants):
+        budget = "auto" if variant_key(1, "auto") in run["sides"] else "default"
+        pair = variant_sides(run, variant_key(1, budget), variant_key(2, budget))
+        if pair is None:
+            continue
+        one, two = pair
+        failed = failure_row(run, {"1 GPU": one, "2 GPUs": two}, columns=9)
+        if failed:
+            lines.append(failed)
+            continue
+        speed_up = ratio(two["tokens_per_s"], one["tokens_per_s"])
+        peak_two = max(filter(None, two.get("peak_gpu_memory_gib_per_gpu") or [two["peak_gpu_memory_gib"]]),
+                       default=None)
+        result = ("n/a" if speed_up is None or peak_two is None or one["peak_gpu_memory_gib"] is None else
+                  "pass" if speed_up >= SCALING_TARGET and peak_two <= one["peak_gpu_memory_gib"] else "FAIL")
+        lines.append(
+            f"| {run['recipe']} | {run['regime']} | {run['effective_batch']} | {fmt(one['tokens_per_s'], ',.0f')} / "
+            f"{fmt(two['tokens_per_s'], ',.0f')} | {fmt(speed_up, '.2f', 'x')} | >= {SCALING_TARGET:.2f}x | "
+            f"{fmt(one['median_step_time_s'], '.3f')} / {fmt(two['median_step_time_s'], '.3f')} | "
+            f"{fmt(one['peak_gpu_memory_gib'], '.2f')} / {fmt(peak_two, '.2f')} | {result} |")
+    return lines
+
+
+def budget_table(variants: dict) -> list[str]:
+    """--token-budget card against auto on one GPU, the same rows: what sizing passes to the GPU's memory gains."""
+    lines = ["| recipe | data | tokens/s card / auto | auto / card | target | median step s card / auto "
+             "| peak GiB card / auto | tokens a pass card / auto | result |",
+             "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    for run in ordered(variants):
+        pair = variant_sides(run, variant_key(1, "card"), variant_key(1, "auto"))
+        if pair is None:
+            continue
+        card, auto = pair
+        failed = failure_row(run, {"card": card, "auto": auto}, columns=9)
+        if failed:
+            lines.append(failed)
+            continue
+        gain = ratio(auto["tokens_per_s"], card["tokens_per_s"])
+        target = AUTO_BUDGET_CHAT_TARGET if run["regime"] == "chat" else NO_OVERHEAD
+        passes = [((side.get("manifest") or {}).get("token_budget") or {}).get("tokens_a_pass") for side in pair]
+        lines.append(
+            f"| {run['recipe']} | {run['regime']} | {fmt(card['tokens_per_s'], ',.0f')} / "
+            f"{fmt(auto['tokens_per_s'], ',.0f')} | {fmt(gain, '.2f', 'x')} | >= {target:.2f}x | "
+            f"{fmt(card['median_step_time_s'], '.3f')} / {fmt(auto['median_step_time_s'], '.3f')} | "
+            f"{fmt(card['peak_gpu_memory_gib'], '.2f')} / {fmt(auto['peak_gpu_memory_gib'], '.2f')} | "
+            f"{fmt(passes[0], ',')} / {fmt(passes[1], ',')} | "
+            f"{'n/a' if gain is None else 'pass' if gain >= target else 'FAIL'} |")
+    return lines
+
+
 def billions(parameters: int) -> str:
     return f"{parameters / 1e9:.2f} B" if parameters >= 1e8 else f"{parameters:,}"
 
@@ -648,7 +778,23 @@ def report(results: dict) -> str:
               f"{NO_OVERHEAD:.2f}x raw Unsloth's tokens/s or more; `raw / plain` is raw Unsloth's ratio to the plain "
               "script on this machine, the same measurement the fixed-row targets come from, shown next to them.",
               "", *raw_table(runs), "",
-              "## Settings", "", *settings_table(runs), "", "## Runs", ""]
+              "## Settings", "", *settings_table(runs), ""]
+    variants = results.get("variants", {})
+    if variants:
+        lines += ["## Scaling: 1 GPU against 2", "",
+                  "The recipe alone (`python -m bench.benchmark --gpus 1,2`), on one GPU and on two under torchrun "
+                  "(`./run.sh <recipe> --gpus 2`), the same rows and the card's effective batch (each GPU accumulates "
+                  "half the steps). tokens/s counts both GPUs' tokens; the peak is the higher GPU's. Target: at least "
+                  f"{SCALING_TARGET:.2f}x the tokens/s of one GPU, with no GPU above one GPU's peak.", "",
+                  *(scaling_table(variants) if len(scaling_table(variants)) > 2 else
+                    ["Not measured yet: no run on a machine with 2 GPUs is in bench/results.json."]), "",
+                  "## Token budget: card against auto on one GPU", "",
+                  "The recipe alone (`python -m bench.benchmark --token-budgets card,auto`) on the same rows: `card` "
+                  "runs a step's rows in passes of at most the card's rows a pass x max_seq_length tokens; `auto` "
+                  "sizes passes to the GPU's free memory, measured before training. Target: at least "
+                  f"{AUTO_BUDGET_CHAT_TARGET:.2f}x card's tokens/s on chat rows, no slower on fixed rows (at least "
+                  f"{NO_OVERHEAD:.2f}x, run-to-run noise).", "", *budget_table(variants), ""]
+    lines += ["## Runs", ""]
     if any((session["git_commit"] or "").endswith("-dirty") for session in sessions):
         lines += ["A commit ending in `-dirty`: tracked files in the working tree differed from that commit when the "
                   "benchmark ran.", ""]
@@ -678,10 +824,19 @@ def parse_args(argv=None):
                                                       "with --smoke or --work-dir, results.json there)")
     parser.add_argument("--out", default="", help="the markdown report (BENCHMARKS.md in the repository root)")
     parser.add_argument("--side-timeout", type=int, default=300, help="seconds one side may run before it is stopped")
+    parser.add_argument("--gpus", default="", help="e.g. 1,2: the recipe alone on each number of GPUs (the Scaling "
+                                                   "table); the reference sides are not run")
+    parser.add_argument("--token-budgets", default="", help="e.g. card,auto: the recipe alone at each --token-budget "
+                                                            "on one GPU (the Token budget table)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, 3 steps, a temp work dir")
     parser.add_argument("--report-only", action="store_true", help="regenerate the report from results.json")
     parser.add_argument("--rebuild-chat-sample", action="store_true", help=f"rewrite {CHAT_SAMPLE.relative_to(REPO)}")
     args = parser.parse_args(argv)
+    try:
+        args.gpus = sorted({int(n) for n in args.gpus.split(",") if n})
+    except ValueError:
+        parser.error(f"--gpus expects numbers of GPUs, e.g. 1,2; got {args.gpus!r}")
+    args.token_budgets = [b for b in args.token_budgets.split(",") if b]
     args.recipes = [r for r in args.recipes.split(",") if r]
     args.regimes = [r for r in args.regimes.split(",") if r]
     unknown = [r for r in args.recipes if r not in RECIPES] + [r for r in args.regimes if r not in REGIMES]
@@ -722,17 +877,28 @@ def main(argv=None):
                    "packages": {**package_versions(), "flash_attn": installed("flash-attn")},
                    "torch_cuda": torch.version.cuda}
         results["sessions"].append(session)  # updated after each recipe: a run cut short still names itself
+        variants_only = bool(args.gpus or args.token_budgets)  # the Scaling / Token budget tables: no reference sides
         for name in args.recipes:
             try:
-                results["runs"].update(benchmark_recipe(name, args, hardware.precision, peak_flops,
-                                                        hardware.gpu_name, args.work_dir))
+                if variants_only:
+                    results.setdefault("variants", {}).update(measure_variants(name, args, hardware.gpu_name,
+                                                                               args.work_dir))
+                else:
+                    results["runs"].update(benchmark_recipe(name, args, hardware.precision, peak_flops,
+                                                            hardware.gpu_name, args.work_dir))
             except Exception as error:  # a recipe changed under the table (a renamed field): report it, go on
                 reason = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
                 print(f"{name}: FAILED {reason['error']}", flush=True)
-                results["runs"].update({f"{name}/{regime}": {"recipe": name, "regime": regime,
-                                                             "shape": RECIPES[name].shape, "recipe_side": reason,
-                                                             "plain_side": reason, "raw_side": reason}
-                                        for regime in args.regimes})
+                failed = {"recipe": name, "shape": RECIPES[name].shape}
+                if variants_only:
+                    results.setdefault("variants", {}).update({f"{name}/{regime}": {
+                        **failed, "regime": regime, "effective_batch": None,
+                        "sides": {variant_key(gpus, "failed"): reason for gpus in args.gpus or [1]}}
+                        for regime in args.regimes})
+                else:
+                    results["runs"].update({f"{name}/{regime}": {**failed, "regime": regime, "recipe_side": reason,
+                                                                 "plain_side": reason, "raw_side": reason}
+                                            for regime in args.regimes})
             print(f"{time.perf_counter() - started:.0f} s since the start", flush=True)
             session.update(recipes_done=session["recipes_done"] + [name], wall_s=time.perf_counter() - started,
                            finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"))
