@@ -1,14 +1,16 @@
-"""Each recipe against raw Unsloth and a plain transformers + PEFT + bitsandbytes script on one GPU: tokens/s, step
-time, memory, MFU.
+"""Each recipe against raw Unsloth, a plain transformers + PEFT + bitsandbytes script and a fast one, on one GPU.
 
-For each recipe in RECIPES and each data regime (fixed: every row just under max_seq_length tokens; chat: the bundled
-bench/data/chat_lengths.jsonl, a realistic spread of lengths), separate processes train on the same GPU one after the
-other: the recipe itself (`python -m recipes.<name>` on a random-init model of its card's shape, built by
-tests/gpu/conftest.py), bench/plain_sft.py and bench/unsloth_sft.py (raw Unsloth) with the same shape, LoRA, batch,
-accumulation, sequence length, precision and optimiser, read from the recipe's own Config. Every side is timed by
-common.callbacks.MetricsRecorder and summarised by the same arithmetic, warm-up steps left out. Results merge into
-bench/results.json (kept in git, so a run of some recipes keeps the others' rows; its paths are relative to the
-repository root); BENCHMARKS.md is regenerated from every result there. Models, data, run folders and logs: bench/out.
+Tokens/s, step time, memory and MFU. For each recipe in RECIPES and each data regime (fixed: every row just under
+max_seq_length tokens; chat: the bundled bench/data/chat_lengths.jsonl, a realistic spread of lengths), separate
+processes train on the same GPU one after the other: the recipe itself (`python -m recipes.<name>` on a random-init
+model of its card's shape, built by tests/gpu/conftest.py), bench/plain_sft.py (padded batches), bench/fast_hf_sft.py
+(the same with Liger kernels and padding-free batches: the strongest plain peer) and bench/unsloth_sft.py (raw
+Unsloth) with the same shape, LoRA, batch, accumulation, sequence length, precision and optimiser, read from the
+recipe's own Config. Every side is timed by common.callbacks.MetricsRecorder and summarised by the same arithmetic,
+warm-up steps left out. Results merge into bench/results.json (kept in git, so a run of some recipes keeps the others'
+rows; its paths are relative to the repository root); BENCHMARKS.md is regenerated from every result there. Models,
+data, run folders and logs: bench/out. The fast side needs liger-kernel on the GPU machine: after requirements.txt,
+`pip install -r bench/requirements.txt`.
 
   python -m bench.benchmark                                        # every recipe, both regimes
   python -m bench.benchmark --recipes llama3_8b,llama31_8b_qlora   # a subset; merges with the results already there
@@ -369,13 +371,14 @@ def batching_logged(log: str) -> str:
     return "packing" if "Packing enabled" in log else "not logged"
 
 
-REFERENCE_SCRIPTS = {"plain": "bench.plain_sft", "raw": "bench.unsloth_sft"}  # the sides run from the same settings
+# The sides run from the same settings: the plain script, the fast one (Liger kernels, padding-free) and raw Unsloth.
+REFERENCE_SCRIPTS = {"plain": "bench.plain_sft", "fast": "bench.fast_hf_sft", "raw": "bench.unsloth_sft"}
 
 
 def run_reference_side(side: str, name: str, settings: dict, model: str, data: dict, steps: int, warmup: int,
                        work: Path, precision: str, timeout: int) -> dict:
-    """The plain script or raw Unsloth (`side`: a REFERENCE_SCRIPTS key), both regimes in one process (one import);
-    each regime gets a fresh adapter, optimiser and peak reading."""
+    """The plain script, the fast one or raw Unsloth (`side`: a REFERENCE_SCRIPTS key), both regimes in one process
+    (one import); each regime gets a fresh adapter, optimiser and peak reading."""
     out = work / side / name
     shutil.rmtree(out, ignore_errors=True)  # MetricsRecorder appends: an earlier run's steps would join the timings
     log = work / "logs" / f"{name}-{side}.log"
@@ -401,6 +404,8 @@ def run_reference_side(side: str, name: str, settings: dict, model: str, data: d
                          "log": relative(log), "optimizer": result["optimizer"]}
         if side == "plain":
             sides[regime]["padding_fraction"] = result["padding_fraction"]
+        elif side == "fast":
+            sides[regime].update({key: result[key] for key in ("liger", "liger_reason", "collator")})
         else:  # Unsloth prints its batching choice
             sides[regime]["batching"] = batching
     return sides
@@ -441,7 +446,7 @@ def prepare(name: str, args, work: Path) -> Prepared:
 
 
 def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: str | None, work: Path) -> dict:
-    """Both regimes of one recipe, both sides; returns {"<name>/<regime>": result}."""
+    """Both regimes of one recipe, every side; returns {"<name>/<regime>": result}."""
     prepared = prepare(name, args, work)
     bench, steps, warmup, cfg, flags = prepared.bench, prepared.steps, prepared.warmup, prepared.cfg, prepared.flags
     settings, model, data = prepared.settings, prepared.model, prepared.data
@@ -461,7 +466,8 @@ def benchmark_recipe(name: str, args, precision: str, peak_flops: float, gpu: st
             "recipe": name, "regime": regime, "shape": bench.shape, "parameters": parameters, "gpu": gpu,
             "peak_flops": peak_flops, "precision": precision, "steps": steps, "warmup_steps": warmup,
             "settings": settings, "data": data[regime], "recipe_side": recipe_sides[regime],
-            "plain_side": reference["plain"][regime], "raw_side": reference["raw"][regime], "smoke": args.smoke,
+            "plain_side": reference["plain"][regime], "fast_side": reference["fast"][regime],
+            "raw_side": reference["raw"][regime], "smoke": args.smoke,
             "measured_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return results
 
@@ -703,6 +709,40 @@ def budget_table(variants: dict) -> list[str]:
     return lines
 
 
+def fast_verdict(speed: float | None, memory: float | None) -> str:
+    """pass: at least the fast script's tokens/s at no more than its peak memory; n/a when a number is missing (a failed
+    side, no memory on CPU)."""
+    if speed is None or memory is None:
+        return "n/a"
+    return "pass" if speed >= 1 and memory <= 1 else "FAIL"
+
+
+def fast_table(runs: dict) -> list[str]:
+    """Each recipe against the fast transformers script (bench/fast_hf_sft.py: Liger kernels, padding-free batches) on
+    the same rows and settings: the strongest plain peer."""
+    lines = ["| recipe | data | tokens/s recipe / fast | recipe / fast | peak GiB recipe / fast | recipe / fast memory "
+             "| median step s recipe / fast | fast side's Liger kernels | result |",
+             "|---|---|---:|---:|---:|---:|---:|---|:---:|"]
+    for run in ordered(runs):
+        ours, fast = run["recipe_side"], run.get("fast_side")
+        if fast is None:
+            continue  # measured before the fast script was a side
+        failed = failure_row(run, {"recipe": ours, "fast": fast}, columns=9)
+        if failed:
+            lines.append(failed)
+            continue
+        speed = ratio(ours["tokens_per_s"], fast["tokens_per_s"])
+        memory = ratio(ours["peak_gpu_memory_gib"], fast["peak_gpu_memory_gib"])
+        kernels = ", ".join(fast["liger"]) or f"none ({fast['liger_reason']})"
+        lines.append(
+            f"| {run['recipe']} | {run['regime']} | {fmt(ours['tokens_per_s'], ',.0f')} / "
+            f"{fmt(fast['tokens_per_s'], ',.0f')} | {fmt(speed, '.2f', 'x')} | "
+            f"{fmt(ours['peak_gpu_memory_gib'], '.2f')} / {fmt(fast['peak_gpu_memory_gib'], '.2f')} | "
+            f"{fmt(memory, '.2f', 'x')} | {fmt(ours['median_step_time_s'], '.3f')} / "
+            f"{fmt(fast['median_step_time_s'], '.3f')} | {kernels.replace('|', '/')} | {fast_verdict(speed, memory)} |")
+    return lines
+
+
 def billions(parameters: int) -> str:
     return f"{parameters / 1e9:.2f} B" if parameters >= 1e8 else f"{parameters:,}"
 
@@ -752,11 +792,12 @@ def report(results: dict) -> str:
     lines += [f"- GPU: {'; '.join(gpus)}",
               "- each recipe ran through its own code path (`python -m recipes.<name>`), `bench/plain_sft.py` "
               "(transformers Trainer + PEFT LoRA + bitsandbytes NF4 with double quantization, the recipe's optimiser, "
-              "batches padded to their longest row) and, in newer runs, `bench/unsloth_sft.py` (raw Unsloth) as "
+              "batches padded to their longest row), in newer runs `bench/unsloth_sft.py` (raw Unsloth) and, in the "
+              "newest, `bench/fast_hf_sft.py` (the plain script with Liger kernels and padding-free batches) as "
               "separate processes on the same GPU, on a random-init model of the card's shape with the recipe's "
               "sequence length, batch, accumulation, LoRA, precision and optimiser",
               "- tokens/s counts non-padding tokens as the collator builds each batch "
-              "(common.callbacks.MetricsRecorder on both sides), over the steps after warm-up; median step time over "
+              "(common.callbacks.MetricsRecorder on every side), over the steps after warm-up; median step time over "
               "the same steps; peak GPU memory is torch.cuda.max_memory_allocated during training; "
               "MFU = 6 N tokens/s / measured peak, N the base model's parameters",
               "- data: fixed = every row just under the recipe's max_seq_length; chat = "
@@ -778,6 +819,14 @@ def report(results: dict) -> str:
               f"{NO_OVERHEAD:.2f}x raw Unsloth's tokens/s or more; `raw / plain` is raw Unsloth's ratio to the plain "
               "script on this machine, the same measurement the fixed-row targets come from, shown next to them.",
               "", *raw_table(runs), "",
+              "## Recipes against the fast HF script", "",
+              "The same rows and settings through `bench/fast_hf_sft.py`, the strongest plain peer: the plain script "
+              "with Liger's Triton kernels (RoPE, RMSNorm, SwiGLU and the fused linear cross-entropy, on Llama shapes "
+              "and a GPU; liger-kernel has no GPT-2 patch) and padding-free batches (transformers' "
+              "DataCollatorWithFlattening: a batch's rows as one row, SDPA masking each row from the others), run in "
+              "the same session. The target: every recipe at least the fast script's tokens/s at no more than its "
+              "peak memory. Rows measured before the fast script was a side are left out.",
+              "", *fast_table(runs), "",
               "## Settings", "", *settings_table(runs), ""]
     variants = results.get("variants", {})
     if variants:
@@ -814,7 +863,7 @@ def report(results: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[12:]))
+                                     epilog=__doc__[__doc__.index("  python -m bench.benchmark"):])
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES))
     parser.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated: fixed, chat")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps a side (default: each recipe's row)")
@@ -897,7 +946,8 @@ def main(argv=None):
                         for regime in args.regimes})
                 else:
                     results["runs"].update({f"{name}/{regime}": {**failed, "regime": regime, "recipe_side": reason,
-                                                                 "plain_side": reason, "raw_side": reason}
+                                                                 "plain_side": reason, "fast_side": reason,
+                                                                 "raw_side": reason}
                                             for regime in args.regimes})
             print(f"{time.perf_counter() - started:.0f} s since the start", flush=True)
             session.update(recipes_done=session["recipes_done"] + [name], wall_s=time.perf_counter() - started,
@@ -907,7 +957,7 @@ def main(argv=None):
             args.out.write_text(report(results))
     report_text = report(results)
     args.out.write_text(report_text)
-    print("\n".join(table(results["runs"]) + [""] + raw_table(results["runs"])))
+    print("\n".join(table(results["runs"]) + [""] + raw_table(results["runs"]) + [""] + fast_table(results["runs"])))
     print(f"\nwrote {args.out}" + ("" if args.report_only else f" and {results_file}"))
 
 

@@ -1,5 +1,5 @@
-"""The benchmark harness: its arithmetic by hand, the bundled chat sample, fixed-length rows, and a --smoke run of the
-whole harness on CPU (one recipe, both regimes, every side as a separate process)."""
+"""The benchmark harness: its arithmetic by hand, the bundled chat sample, fixed-length rows, the fast side's packed
+batches, and a --smoke run of the whole harness on CPU (one recipe, both regimes, every side as a separate process)."""
 import json
 import os
 import re
@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench import benchmark
+from bench import benchmark, fast_hf_sft
+from bench.plain_sft import pad_to_longest
 from common.callbacks import MetricsRecorder
 from tests.conftest import REPO
 
@@ -76,6 +77,98 @@ def test_raw_unsloth_table_scores_overhead_and_skips_rows_measured_without_it():
     assert gpt2[3] == "0.90x" and gpt2[-1] == "FAIL"  # 10% slower than raw Unsloth
 
 
+def test_fast_table_scores_speed_and_memory_and_skips_rows_measured_without_it():
+    side = lambda tokens, step, peak: {"tokens_per_s": tokens, "median_step_time_s": step, "peak_gpu_memory_gib": peak}
+    liger = {"liger": list(fast_hf_sft.LLAMA_KERNELS), "liger_reason": None, "collator": "DataCollatorWithFlattening"}
+    run = lambda recipe, regime, shape, ours, fast: {"recipe": recipe, "regime": regime, "shape": shape,
+                                                      "recipe_side": ours, "plain_side": side(1.0, 1.0, 1.0),
+                                                      "fast_side": fast}
+    runs = {
+        "llama3_8b/fixed": run("llama3_8b", "fixed", "llama-3-8b", side(4_800.0, 3.4, 6.0),
+                               {**side(4_000.0, 4.1, 7.5), **liger}),
+        "llama3_8b/chat": run("llama3_8b", "chat", "llama-3-8b", side(2_000.0, 2.0, 6.0),
+                              {**side(2_100.0, 1.9, 6.5), **liger}),
+        "llama32_1b_mlp/fixed": {"recipe": "llama32_1b_mlp", "regime": "fixed", "shape": "llama-3.2-1b",
+                                 "recipe_side": side(1.0, 1.0, 1.0), "plain_side": side(1.0, 1.0, 1.0)},
+        "tinyllama_sentiment/fixed": run("tinyllama_sentiment", "fixed", "tinyllama-1.1b", side(9_000.0, 0.5, 1.6),
+                                         {**side(9_000.0, 0.5, 1.5), **liger}),
+        "gpt2_medium_qlora/fixed": run("gpt2_medium_qlora", "fixed", "gpt2-medium", side(9_000.0, 0.1, 1.8),
+                                       {**side(6_000.0, 0.2, 2.4), "liger": [],
+                                        "liger_reason": "liger-kernel has no patch for gpt2 models"}),
+        "gpt2_medium_qlora/chat": run("gpt2_medium_qlora", "chat", "gpt2-medium", side(9_000.0, 0.1, 1.8),
+                                      {"error": "exit 1: CUDA out of memory | retry"}),
+        "llama31_8b_qlora/fixed": run("llama31_8b_qlora", "fixed", "llama-3.1-8b", side(5_000.0, 2.0, None),
+                                      {**side(4_000.0, 2.5, None), **liger}),
+    }
+    header, _, *rows = benchmark.fast_table(runs)
+    assert len(rows) == 6  # llama32_1b_mlp was measured before the fast script was a side
+    cells = {tuple(c[:2]): c for c in ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)}
+    assert all(len(c) == len(header.strip("|").split("|")) == 9 for c in cells.values())
+    # 4,800 / 4,000 = 1.20x the tokens/s at 6.0 / 7.5 = 0.80x the memory
+    assert cells["llama3_8b", "fixed"][2:] == ["4,800 / 4,000", "1.20x", "6.00 / 7.50", "0.80x", "3.400 / 4.100",
+                                               "rope, rms_norm, swiglu, fused_linear_cross_entropy", "pass"]
+    assert cells["llama3_8b", "chat"][3] == "0.95x" and cells["llama3_8b", "chat"][-1] == "FAIL"  # leaner, slower
+    assert cells["tinyllama_sentiment", "fixed"][3:6:2] == ["1.00x", "1.07x"]  # as fast, 0.1 GiB more
+    assert cells["tinyllama_sentiment", "fixed"][-1] == "FAIL"
+    assert cells["gpt2_medium_qlora", "fixed"][7:] == ["none (liger-kernel has no patch for gpt2 models)", "pass"]
+    assert cells["gpt2_medium_qlora", "chat"][2] == "fast side failed: exit 1: CUDA out of memory / retry"
+    assert cells["gpt2_medium_qlora", "chat"][-1] == "error"
+    assert cells["llama31_8b_qlora", "fixed"][5:] == ["n/a", "2.000 / 2.500", cells["llama3_8b", "fixed"][7], "n/a"]
+
+
+@pytest.mark.parametrize("family", ["llama-3", "gpt2"])
+def test_packed_rows_under_sdpa_attend_only_to_themselves(family):
+    """The fast side's batches: rows concatenated into one, position_ids restarting, no attention mask, no KV cache (as
+    the fast side trains). transformers 5.17 (masking_utils.find_packed_sequence_indices) turns the restarts into a
+    block-diagonal causal mask, so each row's logits are what the row alone gives. Without the restarts, or with a
+    cache (the packed-row check then does not run), the second row sees the first."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0,
+                                           eos_token_id=0, attn_implementation=fast_hf_sft.ATTENTION))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                             attn_implementation=fast_hf_sft.ATTENTION))
+    model.eval()
+    assert model.config._attn_implementation == "sdpa"
+    rows = [torch.randint(0, 100, (length,)) for length in (5, 7)]
+    batch = fast_hf_sft.padding_free_collator()([{"input_ids": row} for row in rows])
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=row[None], use_cache=False).logits[0] for row in rows])
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        unseparated = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+        cached = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    for seeing_the_first_row in (unseparated, cached):  # the test can fail: the second row then reads the first
+        assert not torch.allclose(seeing_the_first_row[5:], alone[5:], atol=1e-3)
+
+
+def test_fast_side_batches_hold_no_padding_and_count_every_token(tmp_path, monkeypatch):
+    features = [{"input_ids": [11, 12, 13]}, {"input_ids": [21, 22, 23, 24, 25]}, {"input_ids": [31, 32]}]
+    collate = fast_hf_sft.padding_free_collator()
+    batch = collate(features)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention mask: nothing is padding
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22, 23, 24, 25, 31, 32]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22, 23, 24, 25, -100, 32]]  # no row predicts the next
+    counted = {}
+    for side, collator in (("fast", collate), ("plain", pad_to_longest(pad_id=0))):
+        recorder = MetricsRecorder(tmp_path / f"{side}.jsonl")
+        trainer = SimpleNamespace(data_collator=collator, model=SimpleNamespace(training=True))
+        recorder.count_tokens_of(trainer)
+        trainer.data_collator(features)
+        counted[side] = recorder.tokens_seen
+    assert counted == {"fast": 10, "plain": 10}  # input_ids.numel() on the fast side, the mask's sum on the plain one
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert fast_hf_sft.apply_liger("gpt2") == ([], "liger-kernel has no patch for gpt2 models")
+    assert fast_hf_sft.apply_liger("llama") == ([], "no GPU: Liger's Triton kernels need CUDA")
+
+
 def test_a_reference_side_run_again_in_the_same_work_dir_times_only_its_own_steps(tmp_path, monkeypatch):
     """MetricsRecorder appends to metrics.jsonl; a second benchmark run in the same work dir (a warm GPU machine) must
     not time the first run's steps as well."""
@@ -88,7 +181,8 @@ def test_a_reference_side_run_again_in_the_same_work_dir_times_only_its_own_step
             for step in range(1, 5):
                 recorder.step_times.append(0.5)
                 recorder.on_log(None, SimpleNamespace(global_step=step), None, logs={"loss": 1.0})
-            (folder / "result.json").write_text(json.dumps({"optimizer": "adamw", "padding_fraction": 0.0}))
+            (folder / "result.json").write_text(json.dumps({"optimizer": "adamw", "padding_fraction": 0.0, "liger": [],
+                                                            "liger_reason": "no GPU", "collator": "Flattening"}))
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("Unsloth: Padding-free auto-enabled\n")
         return 0, 1.0
@@ -102,10 +196,13 @@ def test_a_reference_side_run_again_in_the_same_work_dir_times_only_its_own_step
         for side in benchmark.REFERENCE_SCRIPTS:
             measured = benchmark.run_reference_side(side, "r", settings, "model", data, 4, 1, tmp_path, "bf16", 60)
             assert measured["fixed"]["timed_steps"] == 3 and measured["fixed"]["step_times_s"] == [0.5] * 3
+            if side == "fast":  # what its result.json says of Liger and the collator
+                assert {key: measured["fixed"][key] for key in ("liger", "liger_reason", "collator")} == {
+                    "liger": [], "liger_reason": "no GPU", "collator": "Flattening"}
     assert measured["fixed"]["batching"] == "padding-free"  # raw Unsloth's choice, read from its log
 
 
-def test_a_recipe_that_raises_is_an_error_row_in_both_tables(tmp_path, monkeypatch):
+def test_a_recipe_that_raises_is_an_error_row_in_every_table(tmp_path, monkeypatch):
     def renamed_field(name, *args):
         raise AttributeError("'Config' object has no attribute 'lora_r'")
     monkeypatch.setattr(benchmark, "benchmark_recipe", renamed_field)
@@ -113,7 +210,8 @@ def test_a_recipe_that_raises_is_an_error_row_in_both_tables(tmp_path, monkeypat
                     "--out", str(tmp_path / "BENCH.md")])
     markdown = (tmp_path / "BENCH.md").read_text()
     plain_table, raw_table = markdown.split("## Recipes against raw Unsloth")
-    for section in (plain_table, raw_table):
+    raw_table, fast_table = raw_table.split("## Recipes against the fast HF script")
+    for section in (plain_table, raw_table, fast_table):
         row = next(line for line in section.splitlines() if line.startswith("| llama3_8b | fixed | "))
         assert "recipe side failed: AttributeError: 'Config' object has no attribute 'lora_r'" in row
         assert row.endswith("| error |")
@@ -194,7 +292,7 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
     assert f"--work-dir {os.path.relpath(tmp_path, REPO)} " in results["sessions"][0]["command"]
     for run in runs.values():  # each stored path is found from the repository root
         paths = [run["data"]["recipe_file"], run["data"]["plain_file"], run["recipe_side"]["run_folder"],
-                 *(run[side]["log"] for side in ("recipe_side", "plain_side", "raw_side"))]
+                 *(run[side]["log"] for side in ("recipe_side", "plain_side", "fast_side", "raw_side"))]
         assert all((REPO / path).exists() for path in paths), paths
     markdown = (tmp_path / "BENCH.md").read_text()
     for regime in ("fixed", "chat"):
@@ -222,6 +320,21 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
         assert cells[3] == f"{over_raw:.2f}x"
         assert cells[4] == f"{benchmark.ratio(raw['tokens_per_s'], plain['tokens_per_s']):.2f}x"
         assert cells[-1] == ("pass" if over_raw >= benchmark.NO_OVERHEAD else "FAIL")
+        fast = run["fast_side"]  # bench/fast_hf_sft.py: padding-free and SDPA; no Liger without a GPU
+        assert fast["tokens_per_s"] > 0 and fast["timed_steps"] == 2 and "bitsandbytes" in fast["optimizer"]
+        assert fast["liger"] == [] and fast["liger_reason"] == "no GPU: Liger's Triton kernels need CUDA"
+        assert fast["collator"] == "DataCollatorWithFlattening"
+        fast_result = json.loads((tmp_path / "fast" / "llama3_8b" / f"llama3_8b-{regime}-plain" / "result.json")
+                                 .read_text())
+        plain_result = json.loads((tmp_path / "plain" / "llama3_8b" / f"llama3_8b-{regime}-plain" / "result.json")
+                                  .read_text())
+        assert fast_result["tokens_trained"] == plain_result["tokens_trained"]  # the same rows' real tokens
+        fast_row = next(line for line in markdown.split("## Recipes against the fast HF script")[1].splitlines()
+                        if line.startswith(f"| llama3_8b | {regime} | "))
+        cells = [cell.strip() for cell in fast_row.strip("|").split("|")]
+        assert cells[2:4] == [f"{ours['tokens_per_s']:,.0f} / {fast['tokens_per_s']:,.0f}",
+                              f"{benchmark.ratio(ours['tokens_per_s'], fast['tokens_per_s']):.2f}x"]
+        assert cells[7:] == ["none (no GPU: Liger's Triton kernels need CUDA)", "n/a"]  # no memory reading on CPU
     assert runs["llama3_8b/fixed"]["data"]["tokens_max"] <= 256 - benchmark.MARGIN  # --smoke: max_seq_length 256
     padding = {regime: runs[f"llama3_8b/{regime}"]["plain_side"]["padding_fraction"] for regime in ("fixed", "chat")}
     assert padding["fixed"] < 0.05 < padding["chat"]
