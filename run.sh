@@ -132,7 +132,7 @@ args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpus=*) gpus=${1#--gpus=} ;;
-    --gpus) gpus=${2:-}; shift ;;
+    --gpus) [ $# -ge 2 ] || die "--gpus expects a number of GPUs or all"; gpus=$2; shift ;;
     *)
       case "$1" in
         --precision=*) precision=${1#--precision=} ;;
@@ -149,8 +149,18 @@ export FT_PRECISION=$precision
 
 # --gpus N: one process a GPU under torchrun (common/launch.py); without a GPU, N CPU processes (to check the wiring).
 available=0
-[[ "$hardware" == gpu=none* ]] || available=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-[ "$gpus" = all ] && gpus=$available
+if [[ "$hardware" != gpu=none* ]]; then
+  available=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  # CUDA_VISIBLE_DEVICES limits what torch sees; nvidia-smi lists every GPU regardless
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    visible=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true)
+    if [ "$visible" -lt "$available" ]; then available=$visible; fi
+  fi
+fi
+if [ "$gpus" = all ]; then
+  [ "$available" -gt 0 ] || die "--gpus all: this machine has no GPU (or CUDA_VISIBLE_DEVICES hides them)"
+  gpus=$available
+fi
 [[ "$gpus" =~ ^[0-9]+$ ]] && [ "$gpus" -ge 1 ] || die "--gpus expects a number of GPUs or all, got '$gpus' (this machine has $available)"
 if [ "$gpus" -gt 1 ] && [ "$available" -eq 0 ]; then
   echo "no GPU: --gpus $gpus starts $gpus CPU processes (gloo), slow: for checking the wiring, e.g. with --smoke" >&2

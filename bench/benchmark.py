@@ -29,7 +29,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -293,12 +292,16 @@ def run_logged(command: list[str], log: Path, timeout: int) -> tuple[int | None,
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=output, stderr=subprocess.STDOUT)
         try:
             code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:  # the whole session: torchrun's workers hold GPU memory until they end
-            os.killpg(process.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:
+            # every descendant: torchrun starts its workers in sessions of their own, and they hold GPU memory until
+            # they end (psutil comes with accelerate)
+            import psutil
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            process.kill()
             process.wait()
             code = None
     return code, time.perf_counter() - started

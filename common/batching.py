@@ -36,17 +36,13 @@ def pass_budget(setting: str, model, per_device_train_batch_size: int, gradient_
                 max_seq_length: int, precision: str) -> dict:
     """The tokens one pass may hold under --token-budget card|auto|N, with how they were chosen (for the manifest).
     Call after get_peft_model and before the trainer is built; every rank takes the smallest of the ranks' budgets."""
+    check_token_budget(setting, max_seq_length)
     card = per_device_train_batch_size * max_seq_length
     whole_step = card * gradient_accumulation_steps
     if setting == "card":
         chosen = {"setting": "card", "tokens_a_pass": card}
     elif setting.isdigit():
-        if int(setting) < max_seq_length:
-            raise UserError(f"--token-budget {setting}: a pass must hold one full-length row; give at least "
-                            f"{max_seq_length} (max_seq_length), or card or auto")
         chosen = {"setting": setting, "tokens_a_pass": int(setting)}
-    elif setting != "auto":
-        raise UserError(f"--token-budget expects card, auto or a number of tokens, got {setting!r}")
     elif (vram_gib() or (0, 0))[1] < AUTO_MIN_GPU_GIB:
         chosen = {"setting": "auto", "tokens_a_pass": card,
                   "reason": f"no GPU of {AUTO_MIN_GPU_GIB} GiB or more: the card's passes"}
@@ -59,6 +55,15 @@ def pass_budget(setting: str, model, per_device_train_batch_size: int, gradient_
     chosen["tokens_a_pass"] = min(distributed.gathered(chosen["tokens_a_pass"]))
     chosen["passes_a_full_step"] = -(-whole_step // chosen["tokens_a_pass"])
     return chosen
+
+
+def check_token_budget(setting: str, max_seq_length: int):
+    """A --token-budget the recipe can use, or a one-line error; recipes call it before they write anything."""
+    if setting.isdigit() and int(setting) < max_seq_length:
+        raise UserError(f"--token-budget {setting}: a pass must hold one full-length row; give at least "
+                        f"{max_seq_length} (max_seq_length), or card or auto")
+    if not setting.isdigit() and setting not in ("card", "auto"):
+        raise UserError(f"--token-budget expects card, auto or a number of tokens, got {setting!r}")
 
 
 def activation_bytes_per_token(model, max_seq_length: int, precision: str) -> float:
@@ -129,9 +134,10 @@ def token_budget_blocker(trainer) -> str | None:
 
 def agree_on_pass_counts():
     """Make every rank split a step into the same number of passes. Unsloth's token budget runs a step's rows in one
-    pass on every rank when the ranks' pass counts differ (each pass ends in a gradient sync, so the counts must
-    match); installed once per process over unsloth.utils.token_budget's splitter, which Unsloth's training step looks
-    up on every call."""
+    pass on every rank when the ranks' pass counts differ (each pass runs TRL's compute_loss, whose metrics are
+    gathered across ranks, and the last one syncs gradients: unequal counts would leave a rank waiting); installed
+    once per process over unsloth.utils.token_budget's splitter, which Unsloth's training step looks up on every
+    call."""
     from unsloth.utils import token_budget
     if not getattr(token_budget.split_batch_by_token_budget, "agrees_across_ranks", False):
         token_budget.split_batch_by_token_budget = agreeing(token_budget.split_batch_by_token_budget)

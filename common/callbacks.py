@@ -147,6 +147,11 @@ class StopOnRequest(TrainerCallback):
         self._handlers = {}
 
     def on_step_end(self, args, state, control, **kwargs):
+        # torchrun passes a signal to each rank in turn: the ranks stop after the same step, or one would wait forever
+        # in the next step's gradient sync while another saves.
+        signum = distributed.largest(self.signal or 0)
+        if signum and self.signal is None:
+            self.signal = signum
         if self.signal is not None or (self.step and state.global_step >= self.step):
             control.should_save = True
             control.should_training_stop = True

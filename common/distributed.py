@@ -111,6 +111,16 @@ def barrier():
         dist.barrier()
 
 
+def largest(value: int) -> int:
+    """The largest of every rank's `value` (its own without torchrun)."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=torch.device("cuda", torch.cuda.current_device())
+                          if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
+
+
 def gathered(value: float | None) -> list[float | None]:
     """Every rank's value, in rank order (rank 0's alone without torchrun)."""
     if world_size() == 1:

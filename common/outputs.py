@@ -64,7 +64,8 @@ class RunFolder:
         folder = cls(Path(path))
         if (folder.path / "results.md").exists():
             raise UserError(f"--resume {path}: that run already completed; start a new run instead")
-        saved_ranks = json.loads((folder.path / "config.json").read_text()).get("world_size", 1)
+        saved = folder.path / "config.json"
+        saved_ranks = json.loads(saved.read_text()).get("world_size", 1) if saved.is_file() else 1
         if saved_ranks != distributed.world_size():
             raise UserError(f"--resume {path}: that run trained on {saved_ranks} GPU(s) and its checkpoints hold "
                             f"{saved_ranks} ranks' states; resume it with --gpus {saved_ranks}")
@@ -145,7 +146,7 @@ class RunFolder:
         return self
 
     def __exit__(self, kind, error, traceback):
-        if error is None or isinstance(error, SystemExit) or not distributed.is_main():
+        if error is None or isinstance(error, SystemExit):
             return False
         if isinstance(error, KeyboardInterrupt):
             reason = f"interrupted; continue with --resume {self.path}"
@@ -153,6 +154,8 @@ class RunFolder:
             reason = OOM_HINT
         else:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if distributed.world_size() > 1:  # any rank may fail first (out of memory on its rows): it says so
+            reason = f"rank {distributed.rank()}: {reason}"
         (self.path / "FAILED").write_text(reason + "\n")
         print(f"run folder marked FAILED: {self.path}", file=sys.stderr)
         return False

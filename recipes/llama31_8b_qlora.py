@@ -21,7 +21,7 @@ from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel, get_chat_template, train_on_responses_only
 
 from common import distributed
-from common.batching import pass_budget, settle_batching, token_budget_batches
+from common.batching import check_token_budget, pass_budget, settle_batching, token_budget_batches
 from common.callbacks import MetricsRecorder, StopOnRequest
 from common.chat import TURN_MARKERS, conversation_dataset, generate_reply
 from common.config import parse
@@ -109,6 +109,8 @@ def main(argv=None):
     if len(ranks) > 1:
         distributed.refuse(f"{RECIPE} --rank-sweep", "it trains one rank after another and compares them")
     distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
+    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
+    check_token_budget(cfg.token_budget, cfg.max_seq_length)
     hardware = detect(run.precision)
     set_seed(cfg.seed)
     folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
@@ -124,7 +126,7 @@ def main(argv=None):
         for rank in ranks:
             rank_folder = RunFolder(folder.path / "sweep" / f"r{rank}") if swept else folder
             rank_folder.path.mkdir(parents=True, exist_ok=True)
-            results.append(train_at_rank(cfg, run, hardware, model_name, rank, rank_folder))
+            results.append(train_at_rank(cfg, run, hardware, model_name, rank, accumulation, rank_folder))
             if results[-1] is None:
                 return
             if swept:
@@ -151,8 +153,9 @@ def main(argv=None):
         print_summary(RECIPE, folder.path, kept, kept["records"])
 
 
-def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
-    """The card's steps for one LoRA rank, written into `folder`; None when --stop-after-step ended the session."""
+def train_at_rank(cfg, run, hardware, model_name, rank, accumulation, folder) -> dict | None:
+    """The card's steps for one LoRA rank, each process accumulating `accumulation` passes, written into `folder`; None
+    when --stop-after-step ended the session."""
     set_seed(cfg.seed)  # every rank of a sweep sees the same data order and LoRA initialisation
     _, template, user_marker, reply_marker = VARIANTS[cfg.variant]
 
@@ -174,7 +177,6 @@ def train_at_rank(cfg, run, hardware, model_name, rank, folder) -> dict | None:
     # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss. A step's
     #    8 conversations run as passes of at most --token-budget tokens: short ones share a pass (common/batching.py);
     #    with N GPUs each takes 8 / N of them.
-    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
     budget = pass_budget(cfg.token_budget, model, cfg.per_device_train_batch_size, accumulation, cfg.max_seq_length,
                          hardware.precision)
     recorder = MetricsRecorder(folder.metrics)

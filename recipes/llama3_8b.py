@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
 from common import distributed
-from common.batching import pass_budget, settle_batching, token_budget_batches
+from common.batching import check_token_budget, pass_budget, settle_batching, token_budget_batches
 from common.callbacks import MetricsRecorder, MovingAverageEvalLoss, StopOnRequest
 from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
 from common.config import parse
@@ -76,6 +76,7 @@ def main(argv=None):
     distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
     hardware = detect(run.precision)
     accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
+    check_token_budget(cfg.token_budget, cfg.max_seq_length)
     set_seed(cfg.seed)
     folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
     with folder:

@@ -376,3 +376,17 @@ def test_scaling_and_token_budget_tables_by_hand():
     assert budget[1].endswith("| 2,048 / 16,384 | pass |")
     report = benchmark.report({"runs": {}, "sessions": [], "variants": variants})
     assert "## Scaling: 1 GPU against 2" in report and "## Token budget: card against auto on one GPU" in report
+
+
+def test_a_side_past_its_timeout_is_stopped_with_every_process_it_started(tmp_path):
+    """torchrun starts its workers in sessions of their own: a timed-out side must not leave them holding the GPU."""
+    import psutil
+    pid_file = tmp_path / "worker.pid"
+    launcher = ("import subprocess, sys, time; "
+                "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+                "start_new_session=True); "
+                f"open({str(pid_file)!r}, 'w').write(str(worker.pid)); time.sleep(120)")
+    code, wall = benchmark.run_logged([sys.executable, "-c", launcher], tmp_path / "side.log", timeout=5)
+    assert code is None and wall < 60
+    worker = int(pid_file.read_text())
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE

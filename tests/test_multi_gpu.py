@@ -6,7 +6,9 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -133,3 +135,47 @@ def test_a_one_process_study_refuses_several(tmp_path):
             "compares their weights); start it without --gpus / torchrun") in result.stderr
     assert "Traceback" not in result.stderr
     assert not run_folders(tmp_path / "outputs", "gpt2_medium_qlora")
+
+
+def test_sigterm_to_the_launcher_stops_both_ranks_after_the_same_step_with_a_checkpoint(data_file, tmp_path):
+    """torchrun passes the signal to one rank, then the other: they agree on the step to stop after, rank 0 checkpoints
+    (each rank its RNG state) and marks the run STOPPED, and ./run.sh exits 128 + SIGTERM."""
+    output_dir = tmp_path / "outputs"
+    arguments = flags(data_file, output_dir)
+    arguments[arguments.index("--max-steps") + 1] = "400"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("FT_PRECISION", None)
+    process = subprocess.Popen([str(REPO / "run.sh"), *arguments], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not any((folder / "metrics.jsonl").exists() and losses(folder)
+                  for folder in run_folders(output_dir, "llama3_8b")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    (folder,) = run_folders(output_dir, "llama3_8b")
+    stopped = (folder / "STOPPED").read_text()
+    step = int(stopped.split("stopped after step ")[1].split()[0])
+    assert stopped.strip().endswith(f"on SIGTERM; continue with: ./run.sh llama3_8b --resume {folder} --gpus 2")
+    assert 0 < step < 400 and losses(folder)[-1][0] == step
+    checkpoint = folder / "checkpoints" / f"checkpoint-{step}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+    assert not (folder / "results.md").exists() and not (folder / "FAILED").exists()
+
+
+def test_a_rank_without_the_signal_stops_after_the_same_step_as_the_rank_that_got_it(monkeypatch):
+    from types import SimpleNamespace
+
+    from common import callbacks, distributed
+    stop = callbacks.StopOnRequest()
+    other_rank_signal = 0
+    monkeypatch.setattr(distributed, "largest", lambda value: max(value, other_rank_signal))
+    control = SimpleNamespace(should_save=False, should_training_stop=False)
+    stop.on_step_end(None, SimpleNamespace(global_step=3), control)
+    assert (stop.signal, control.should_save, control.should_training_stop) == (None, False, False)
+    other_rank_signal = signal.SIGTERM  # torchrun reached the other rank first
+    stop.on_step_end(None, SimpleNamespace(global_step=4), control)
+    assert (stop.signal, control.should_save, control.should_training_stop) == (signal.SIGTERM, True, True)

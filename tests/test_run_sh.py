@@ -127,10 +127,15 @@ def test_gpus_launches_torchrun_with_one_process_a_gpu(gpus, tmp_path):
     ("4", "error: --gpus 4: this machine has 2 GPU(s); use --gpus 2 or fewer"),
     ("two", "error: --gpus expects a number of GPUs or all, got 'two' (this machine has 2)"),
     ("0", "error: --gpus expects a number of GPUs or all, got '0' (this machine has 2)"),
+    ("2 visible=0", "error: --gpus 2: this machine has 1 GPU(s); use --gpus 1 or fewer"),  # CUDA_VISIBLE_DEVICES=0
+    ("", "error: --gpus expects a number of GPUs or all"),  # the last argument, no value
 ])
 def test_gpus_beyond_the_machine_is_one_line_before_anything_runs(gpus, message, tmp_path):
     env, log = fake_two_gpu_machine(tmp_path)
-    result = subprocess.run([str(REPO / "run.sh"), "llama3_8b", "--gpus", gpus], env=env, capture_output=True,
-                            text=True, timeout=60)
+    gpus, _, visible = gpus.partition(" visible=")
+    if visible:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    result = subprocess.run([str(REPO / "run.sh"), "llama3_8b", "--gpus", *([gpus] if gpus else [])], env=env,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == message
     assert not log.exists()  # refused before any install or launch
