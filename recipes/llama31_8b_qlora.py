@@ -154,8 +154,8 @@ def main(argv=None):
 
 
 def train_at_rank(cfg, run, hardware, model_name, rank, accumulation, folder) -> dict | None:
-    """The card's steps for one LoRA rank, each process accumulating `accumulation` passes, written into `folder`; None
-    when --stop-after-step ended the session."""
+    """The card's steps for one LoRA rank, written into `folder`, each process accumulating `accumulation` of the
+    card's micro-batches a step (its share under --gpus N); None when --stop-after-step ended the session."""
     set_seed(cfg.seed)  # every rank of a sweep sees the same data order and LoRA initialisation
     _, template, user_marker, reply_marker = VARIANTS[cfg.variant]
 
