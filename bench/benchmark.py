@@ -833,12 +833,13 @@ def report(results: dict) -> str:
               "## Settings", "", *settings_table(runs), ""]
     variants = results.get("variants", {})
     if variants:
+        scaling = scaling_table(variants)
         lines += ["## Scaling: 1 GPU against 2", "",
                   "The recipe alone (`python -m bench.benchmark --gpus 1,2`), on one GPU and on two under torchrun "
                   "(`./run.sh <recipe> --gpus 2`), the same rows and the card's effective batch (each GPU accumulates "
                   "half the steps). tokens/s counts both GPUs' tokens; the peak is the higher GPU's. Target: at least "
                   f"{SCALING_TARGET:.2f}x the tokens/s of one GPU, with no GPU above one GPU's peak.", "",
-                  *(scaling_table(variants) if len(scaling_table(variants)) > 2 else
+                  *(scaling if len(scaling) > 2 else  # a header and nothing under it
                     ["Not measured yet: no run on a machine with 2 GPUs is in bench/results.json."]), "",
                   "## Token budget: card against auto on one GPU", "",
                   "The recipe alone (`python -m bench.benchmark --token-budgets card,auto`) on the same rows: `card` "
