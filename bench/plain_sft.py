@@ -50,16 +50,35 @@ def parse_args(argv=None, description: str = __doc__.splitlines()[0]):
 
 def main(argv=None):
     args = parse_args(argv)
+    tokenizer, model, lora = load_base(args)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def padded_batches():
+        padding = PaddingCount()
+        return padding.counting(pad_to_longest(pad_id)), lambda: {"padding_fraction": padding.fraction()}
+    train_each_file(args, "plain", tokenizer, model, lora, padded_batches)
+
+
+def load_base(args, **from_pretrained):
+    """The tokenizer, the base (NF4 with double quantization and the run's compute dtype, or 16-bit) on the GPU, and
+    the LoRA config: shared with bench/fast_hf_sft.py, which passes its attention implementation."""
     dtype = torch_dtype(args.precision)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype) if args.load_in_4bit else None
     model = AutoModelForCausalLM.from_pretrained(args.model_name, quantization_config=quantization, dtype=dtype,
-                                                 device_map={"": 0} if torch.cuda.is_available() else None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                                                 device_map={"": 0} if torch.cuda.is_available() else None,
+                                                 **from_pretrained)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
                       target_modules=args.target_modules.split(","), task_type="CAUSAL_LM",
                       fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores its weight transposed
+    return tokenizer, model, lora
+
+
+def train_each_file(args, side: str, tokenizer, model, lora, batches, **training_arguments):
+    """Each --data file in turn on the one loaded base, each with a fresh adapter, optimiser and peak reading; writes
+    <output-dir>/<file stem>/metrics.jsonl and result.json. `batches()` gives a file's data collator and a function
+    returning the side's own result.json fields once it trained; `training_arguments` adds to TrainingArguments."""
     for data in map(Path, args.data):
         texts = [json.loads(line)["text"] for line in data.read_text().splitlines() if line.strip()]
         rows = [{"input_ids": ids} for ids in tokenizer(texts, add_special_tokens=False, truncation=True,
@@ -68,11 +87,11 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         peft_model = get_peft_model(model, lora)
         recorder = MetricsRecorder(out / "metrics.jsonl")
-        padding = PaddingCount()
+        collate, side_fields = batches()
         trainer = Trainer(
             model=peft_model,
             train_dataset=rows,
-            data_collator=padding.counting(pad_to_longest(pad_id)),
+            data_collator=collate,
             callbacks=[recorder],
             args=TrainingArguments(
                 output_dir=str(out / "trainer"),
@@ -87,6 +106,7 @@ def main(argv=None):
                 save_strategy="no",
                 seed=args.seed,
                 report_to="none",
+                **training_arguments,
                 **training_precision_flags(args.precision),
             ),
         )
@@ -94,11 +114,10 @@ def main(argv=None):
         reset_peak_memory()
         trainer.train()
         (out / "result.json").write_text(json.dumps({
-            "data": str(data), "rows": len(rows), "padding_fraction": padding.fraction(),
-            "optimizer": optimizer_that_ran(trainer),
+            "data": str(data), "rows": len(rows), **side_fields(), "optimizer": optimizer_that_ran(trainer),
             "trainable_parameters": peft_model.get_nb_trainable_parameters()[0],
             **recorder.summary()}, indent=2) + "\n")
-        print(f"plain {data.stem}: {json.dumps(recorder.summary())}")
+        print(f"{side} {data.stem}: {json.dumps(recorder.summary())}", flush=True)
         model = peft_model.unload()  # the base without this adapter, for the next file's fresh one
         del trainer, peft_model
         gc.collect()
