@@ -59,11 +59,14 @@ class Bench:
 
 
 # One row a recipe. Sequence length, batch, accumulation, LoRA and optimiser are read from the recipe's Config.
+# token_budget="card": the reference sides run the card's rows a pass, so the recipe runs passes of at most that many
+# tokens too and the memory columns compare like with like; `auto` (the default on a big GPU) trades memory for speed
+# and has its own table (--token-budgets card,auto).
 RECIPES = {
     "llama3_8b": Bench("llama-3-8b", "messages", 8,
-                       dict(eval_steps=NO_EVAL, max_eval_samples=2, sample_prompts=0)),
+                       dict(eval_steps=NO_EVAL, max_eval_samples=2, sample_prompts=0, token_budget="card")),
     "llama32_1b_mlp": Bench("llama-3.2-1b", "messages", 14,
-                            dict(save_steps=NO_EVAL, held_out_questions=1, max_new_tokens=1)),
+                            dict(save_steps=NO_EVAL, held_out_questions=1, max_new_tokens=1, token_budget="card")),
     "tinyllama_sentiment": Bench("tinyllama-1.1b", "text_label", 14, dict(eval_steps=NO_EVAL, max_eval_samples=2,
                                                                         max_test_samples=0, generation_samples=0)),
     # 60: each new padded length (a multiple of 64, at most 8 under 512) costs its first step about 0.35 s once; over 10
@@ -73,7 +76,8 @@ RECIPES = {
                                dict(ranks=8, only="qlora", eval_prompts=2, max_new_tokens=1, max_samples=0),
                                metrics="metrics/qlora-r8.jsonl", gradient_checkpointing=False),
     "llama31_8b_qlora": Bench("llama-3.1-8b", "messages", 8,
-                              dict(eval_steps=AT_LAST_STEP, max_eval_samples=2, sample_prompts=0, max_new_tokens=1)),
+                              dict(eval_steps=AT_LAST_STEP, max_eval_samples=2, sample_prompts=0, max_new_tokens=1,
+                                   token_budget="card")),
 }
 # The repository's targets on fixed-length rows, (tokens/s ratio, memory ratio) over the plain script: what raw Unsloth
 # reached against a plain transformers + PEFT + bitsandbytes script on an H100.
@@ -260,8 +264,9 @@ def measured_peak_flops(precision: str) -> float:
     return 2 * size**3 * repeats / elapsed
 
 
-def recipe_flags(bench: Bench, steps: int, smoke: bool) -> list[str]:
-    values = {**bench.flags, **(SMOKE_FLAGS if smoke else {})}
+def recipe_flags(fields: dict, steps: int, smoke: bool) -> list[str]:
+    """A recipe's command-line flags for Bench.flags-style fields."""
+    values = {**fields, **(SMOKE_FLAGS if smoke else {})}
     flags = []
     for name, value in values.items():
         value = steps if value == AT_LAST_STEP else value
@@ -434,7 +439,7 @@ def prepare(name: str, args, work: Path) -> Prepared:
     bench = RECIPES[name]
     steps = args.steps or bench.steps
     module = importlib.import_module(f"recipes.{name}")
-    flags = recipe_flags(bench, steps, args.smoke)
+    flags = recipe_flags(bench.flags, steps, args.smoke)
     cfg, _ = parse(module.Config, flags)
     settings = recipe_settings(module, cfg, bench)
     warmup = max(args.warmup_steps, getattr(cfg, "timing_warmup_steps", 0))  # gpt2_medium_qlora knows its compile
@@ -491,7 +496,8 @@ def measure_variants(name: str, args, gpu: str | None, work: Path) -> dict:
     for regime in args.regimes:
         sides = {}
         for gpus, budget in sorted(wanted):
-            flags = prepared.flags + (["--token-budget", budget] if has_budget else [])
+            flags = recipe_flags({**prepared.bench.flags, **({"token_budget": budget} if has_budget else {})},
+                                 prepared.steps, args.smoke)
             side = run_recipe_side(name, prepared.bench, flags, prepared.model, prepared.data[regime]["recipe_file"],
                                    prepared.steps, prepared.warmup, work, regime, args.side_timeout, gpus=gpus,
                                    label=f"gpus{gpus}-{budget}")
@@ -756,13 +762,16 @@ def settings_table(runs: dict) -> list[str]:
              "|---|---|---|---:|---:|---|---|:---:|---:|---:|---|"]
     for run in (run for run in ordered(runs) if "settings" in run):
         s, d, ours = run["settings"], run["data"], run["recipe_side"]
+        budget = (ours.get("manifest") or {}).get("token_budget")  # recorded by the recipes that have one
+        batches = ours.get("batching", "-") + (f", passes of at most {budget['tokens_a_pass']:,} tokens "
+                                                f"({budget['setting']})" if budget else "")
         lines.append(
             f"| {run['recipe']} | {run['regime']} | {run['shape']} ({billions(run['parameters'])}) | "
             f"{s['max_seq_length']} | {s['per_device_train_batch_size']} x {s['gradient_accumulation_steps']} | "
             f"r{s['lora_r']}/a{s['lora_alpha']} on {','.join(s['target_modules'])} | {s['optim']} | "
             f"{'yes' if s['gradient_checkpointing'] else 'no'} | {d['tokens_min']} / {d['tokens_mean']:.0f} / "
             f"{d['tokens_max']} ({d['rows']} rows) | {run['steps']} ({ours.get('timed_steps', '-')} after "
-            f"{run['warmup_steps']}) | {ours.get('batching', '-')} |")
+            f"{run['warmup_steps']}) | {batches} |")
     return lines
 
 

@@ -299,6 +299,11 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
         run = runs[f"llama3_8b/{regime}"]
         ours, plain = run["recipe_side"], run["plain_side"]
         assert ours["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0 and ours["timed_steps"] == 2
+        assert ours["manifest"]["token_budget"] == {  # the card's rows a pass, as the reference sides run them
+            "setting": "card", "tokens_a_pass": 2 * 256, "passes_a_full_step": 2}
+        settings_row = next(line for line in markdown.split("## Settings")[1].splitlines()
+                            if line.startswith(f"| llama3_8b | {regime} | "))
+        assert settings_row.endswith(", passes of at most 512 tokens (card) |")
         assert "fused" in ours["optimizer"] and "bitsandbytes" in plain["optimizer"]  # Unsloth's CPU swap vs bnb
         assert (tmp_path / "runs" / "llama3_8b").is_dir() and (tmp_path / "logs" / "llama3_8b-plain.log").is_file()
         row = next(line for line in markdown.splitlines() if line.startswith(f"| llama3_8b | {regime} | "))
@@ -339,6 +344,23 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
     padding = {regime: runs[f"llama3_8b/{regime}"]["plain_side"]["padding_fraction"] for regime in ("fixed", "chat")}
     assert padding["fixed"] < 0.05 < padding["chat"]
     assert "Smoke run on CPU" in markdown and "`python -m bench.benchmark --smoke --recipes llama3_8b" in markdown
+
+
+def test_each_variant_runs_the_recipe_with_its_own_token_budget_once(tmp_path, monkeypatch):
+    bench = benchmark.RECIPES["llama3_8b"]
+    prepared = benchmark.Prepared(bench, 4, 2, SimpleNamespace(token_budget="auto"),
+                                  benchmark.recipe_flags(bench.flags, 4, False),
+                                  {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 8}, "model",
+                                  {"chat": {"recipe_file": "chat.jsonl"}})
+    monkeypatch.setattr(benchmark, "prepare", lambda name, args, work: prepared)
+    runs = []
+    monkeypatch.setattr(benchmark, "run_recipe_side", lambda name, bench, flags, *rest, gpus, label: (
+        runs.append((gpus, flags)) or {"error": "not run"}))
+    args = SimpleNamespace(gpus=[2], token_budgets=["card", "auto"], regimes=["chat"], smoke=False, side_timeout=1)
+    benchmark.measure_variants("llama3_8b", args, None, tmp_path)
+    budgets = [(gpus, [flags[i + 1] for i, flag in enumerate(flags) if flag == "--token-budget"])
+               for gpus, flags in runs]
+    assert sorted(budgets) == [(1, ["auto"]), (1, ["card"]), (2, ["auto"])]
 
 
 def test_scaling_and_token_budget_tables_by_hand():
