@@ -758,8 +758,8 @@ def billions(parameters: int) -> str:
 
 def settings_table(runs: dict) -> list[str]:
     lines = ["| recipe | data | model shape (N parameters) | seq | batch x accum | LoRA | optimiser | grad. ckpt | "
-             "rows: tokens min / mean / max | steps (timed) | recipe batches |",
-             "|---|---|---|---:|---:|---|---|:---:|---:|---:|---|"]
+             "rows: tokens min / mean / max | steps (timed) | recipe batches | measured on |",
+             "|---|---|---|---:|---:|---|---|:---:|---:|---:|---|---|"]
     for run in (run for run in ordered(runs) if "settings" in run):
         s, d, ours = run["settings"], run["data"], run["recipe_side"]
         budget = (ours.get("manifest") or {}).get("token_budget")  # recorded by the recipes that have one
@@ -771,7 +771,8 @@ def settings_table(runs: dict) -> list[str]:
             f"r{s['lora_r']}/a{s['lora_alpha']} on {','.join(s['target_modules'])} | {s['optim']} | "
             f"{'yes' if s['gradient_checkpointing'] else 'no'} | {d['tokens_min']} / {d['tokens_mean']:.0f} / "
             f"{d['tokens_max']} ({d['rows']} rows) | {run['steps']} ({ours.get('timed_steps', '-')} after "
-            f"{run['warmup_steps']}) | {batches} |")
+            f"{run['warmup_steps']}) | {batches} | {(run['gpu'] or 'CPU').removeprefix('NVIDIA ')}, "
+            f"{run['measured_utc'][:10]} |")
     return lines
 
 

@@ -303,7 +303,7 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
             "setting": "card", "tokens_a_pass": 2 * 256, "passes_a_full_step": 2}
         settings_row = next(line for line in markdown.split("## Settings")[1].splitlines()
                             if line.startswith(f"| llama3_8b | {regime} | "))
-        assert settings_row.endswith(", passes of at most 512 tokens (card) |")
+        assert settings_row.endswith(f", passes of at most 512 tokens (card) | CPU, {run['measured_utc'][:10]} |")
         assert "fused" in ours["optimizer"] and "bitsandbytes" in plain["optimizer"]  # Unsloth's CPU swap vs bnb
         assert (tmp_path / "runs" / "llama3_8b").is_dir() and (tmp_path / "logs" / "llama3_8b-plain.log").is_file()
         row = next(line for line in markdown.splitlines() if line.startswith(f"| llama3_8b | {regime} | "))
