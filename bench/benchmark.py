@@ -651,6 +651,11 @@ def raw_table(runs: dict) -> list[str]:
     return lines
 
 
+def recorded_budget(side: dict) -> dict:
+    """The --token-budget a recipe run recorded in its manifest; empty for recipes without one, and for failed runs."""
+    return (side.get("manifest") or {}).get("token_budget") or {}
+
+
 def variant_sides(run: dict, first: str, second: str) -> tuple[dict, dict] | None:
     """The two runs a table compares; where every run of the recipe failed (before any could start, say), the error
     stands in for both so the row says why."""
@@ -707,7 +712,7 @@ def budget_table(variants: dict) -> list[str]:
             continue
         gain = ratio(auto["tokens_per_s"], card["tokens_per_s"])
         target = AUTO_BUDGET_CHAT_TARGET if run["regime"] == "chat" else NO_OVERHEAD
-        passes = [((side.get("manifest") or {}).get("token_budget") or {}).get("tokens_a_pass") for side in pair]
+        passes = [recorded_budget(side).get("tokens_a_pass") for side in pair]
         lines.append(
             f"| {run['recipe']} | {run['regime']} | {fmt(card['tokens_per_s'], ',.0f')} / "
             f"{fmt(auto['tokens_per_s'], ',.0f')} | {fmt(gain, '.2f', 'x')} | >= {target:.2f}x | "
@@ -762,7 +767,7 @@ def settings_table(runs: dict) -> list[str]:
              "|---|---|---|---:|---:|---|---|:---:|---:|---:|---|---|"]
     for run in (run for run in ordered(runs) if "settings" in run):
         s, d, ours = run["settings"], run["data"], run["recipe_side"]
-        budget = (ours.get("manifest") or {}).get("token_budget")  # recorded by the recipes that have one
+        budget = recorded_budget(ours)
         batches = ours.get("batching", "-") + (f", passes of at most {budget['tokens_a_pass']:,} tokens "
                                                 f"({budget['setting']})" if budget else "")
         lines.append(
