@@ -808,12 +808,13 @@ def report(results: dict) -> str:
     if smoke:
         lines += ["**Smoke run on CPU with tiny models: these numbers only show the harness works.**", ""]
     lines += [f"- GPU: {'; '.join(gpus)}",
-              "- each recipe ran through its own code path (`python -m recipes.<name>` at `--token-budget card`: "
-              "passes of at most the card's rows, as the other sides run), `bench/plain_sft.py` (transformers "
-              "Trainer + PEFT LoRA + bitsandbytes NF4 with double quantization, the recipe's optimiser, batches "
-              "padded to their longest row), `bench/unsloth_sft.py` (raw Unsloth) and `bench/fast_hf_sft.py` (the "
-              "plain script with Liger kernels and padding-free batches) as separate processes on the same GPU, on a random-init model of the card's shape with the recipe's "
-              "sequence length, batch, accumulation, LoRA, precision and optimiser",
+              "- each recipe ran through its own code path (`python -m recipes.<name>`; those with a token budget at "
+              "`--token-budget card`: passes of at most the card's rows, as the other sides run), "
+              "`bench/plain_sft.py` (transformers Trainer + PEFT LoRA + bitsandbytes NF4 with double quantization, "
+              "the recipe's optimiser, batches padded to their longest row), `bench/unsloth_sft.py` (raw Unsloth) and "
+              "`bench/fast_hf_sft.py` (the plain script with Liger kernels and padding-free batches) as separate "
+              "processes on the same GPU, on a random-init model of the card's shape with the recipe's sequence "
+              "length, batch, accumulation, LoRA, precision and optimiser",
               "- tokens/s counts non-padding tokens as the collator builds each batch "
               "(common.callbacks.MetricsRecorder on every side), over the steps after warm-up; median step time over "
               "the same steps; peak GPU memory is torch.cuda.max_memory_allocated during training; "
