@@ -17,6 +17,7 @@ from pathlib import Path
 from common.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+COLAB_DRIVE = Path("/content/drive")  # where Colab mounts Google Drive (drive.mount)
 
 
 @dataclasses.dataclass
@@ -129,6 +130,13 @@ def load_yaml(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
+def check_drive_mounted(flag: str, path: str, drive: Path = COLAB_DRIVE):
+    """A path on Colab's Drive while Drive is not mounted would land on the runtime's own disk and vanish with it."""
+    if path and drive in Path(path).absolute().parents and not os.path.ismount(drive):
+        raise UserError(f"{flag} {path}: Google Drive is not mounted at {drive}; run "
+                        f"`from google.colab import drive; drive.mount('{drive}')` in a cell first")
+
+
 def parse(config_cls, argv: list[str] | None = None, smoke: dict | None = None):
     """Return (cfg, run): the recipe's hyperparameters and the run options, resolved in the documented order."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -141,6 +149,8 @@ def parse(config_cls, argv: list[str] | None = None, smoke: dict | None = None):
     run_fields = {f.name for f in dataclasses.fields(RunOptions)}
     flags = _parse_flags(argv, config_fields | run_fields)
     _apply(run, {k: v for k, v in flags.items() if k in run_fields}, "flags")
+    check_drive_mounted("--output-dir", run.output_dir)
+    check_drive_mounted("--resume", run.resume)
     if run.smoke:
         _apply(cfg, smoke, "smoke values")
     if run.config:

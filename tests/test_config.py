@@ -1,9 +1,10 @@
 """Flags override dataclass fields with type checking; --help lists each field's reason; bad input is one line."""
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from common.config import field_reasons, parse
+from common.config import check_drive_mounted, field_reasons, parse
 from common.errors import UserError
 
 
@@ -67,3 +68,16 @@ def test_help_lists_every_field_with_default_and_reason(capsys):
     text = capsys.readouterr().out
     assert "--learning-rate" in text and "0.0002" in text and "card: the usual LoRA rate" in text
     assert "[smoke: 5]" in text and "--stop-after-step" in text and "--resume" in text
+
+
+def test_a_path_on_an_unmounted_colab_drive_is_refused(tmp_path, monkeypatch):
+    drive = tmp_path / "drive"  # stands where Colab mounts Drive; a plain folder here, as before drive.mount()
+    runs = drive / "MyDrive" / "runs"
+    with pytest.raises(UserError, match=r"--output-dir .*: Google Drive is not mounted at .*drive\.mount"):
+        check_drive_mounted("--output-dir", str(runs), drive)
+    check_drive_mounted("--output-dir", str(tmp_path / "elsewhere"), drive)
+    monkeypatch.setattr("os.path.ismount", lambda path: Path(path) == drive)  # after drive.mount()
+    check_drive_mounted("--output-dir", str(runs), drive)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"--resume .*/content/drive/MyDrive/runs/r/1: Google Drive is not mounted"):
+        parse(Card, ["--resume", "/content/drive/MyDrive/runs/r/1"])
