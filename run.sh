@@ -2,7 +2,7 @@
 # ./run.sh <recipe> [--field value ...]   train a recipe (./run.sh llama3_8b --smoke: offline check on CPU)
 # ./run.sh <recipe> --gpus N|all [...]    the same on N GPUs (torchrun, data parallel; the card's effective batch kept)
 # ./run.sh chat RUN_DIR [--prompt TEXT]   talk to a trained run's model (--base: without the adapter)
-# ./run.sh export RUN_DIR --format merged16|gguf [--quantization q4_k_m,q8_0] [--push-to-hub USER/REPO]
+# ./run.sh export RUN_DIR --format adapter|merged16|gguf [--quantization q4_k_m,q8_0] [--push-to-hub USER/REPO]
 # ./run.sh list                           the recipes, one line each
 # ./run.sh test [pytest args]             set up the CPU test environment and run the CPU test suite
 # ./run.sh --detect                       print the GPU and the precision a run would use

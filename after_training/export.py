@@ -1,19 +1,24 @@
-"""./run.sh export RUN_DIR --format merged16|gguf: the trained model in the shapes other tools load.
+"""./run.sh export RUN_DIR --format adapter|merged16|gguf: the trained model in the shapes other tools load.
 
-merged16  RUN_DIR/export/merged16/: the adapter merged into 16-bit weights (Unsloth's save_pretrained_merged), with the
+adapter   EXPORT_DIR/adapter/: the LoRA adapter alone (tens of MB) with its tokenizer and a model card, to share; PEFT
+          and Unsloth load it on top of the base model.
+merged16  EXPORT_DIR/merged16/: the adapter merged into 16-bit weights (Unsloth's save_pretrained_merged), with the
           tokenizer and chat template: plain transformers and vLLM load it.
-gguf      RUN_DIR/export/gguf/: one file per --quantization through llama.cpp's converter and quantizer (llama.cpp,
+gguf      EXPORT_DIR/gguf/: one file per --quantization through llama.cpp's converter and quantizer (llama.cpp,
           LM Studio), and a Modelfile for Ollama. Built from merged16, which it writes first if missing.
 --push-to-hub USER/REPO uploads the export with a model card; the token comes from HF_TOKEN only.
 
-Each export is written under a temporary name and renamed when complete: a folder named merged16 or gguf is whole. A
-failed export removes what it wrote and says why in one line.
+EXPORT_DIR is RUN_DIR/export unless --export-dir says otherwise. Each export is written under a temporary name and
+renamed when complete: a folder named adapter, merged16 or gguf is whole. An export already there for the same adapter
+is reused. The free disk is checked before writing; a failed export removes what it wrote and says why in one line.
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers and PEFT on import)
 
 import argparse
 import contextlib
+import errno
 import json
+import math
 import os
 import shutil
 import sys
@@ -23,25 +28,32 @@ from pathlib import Path
 from after_training import gguf
 from after_training.ollama import modelfile
 from after_training.trained_run import TrainedRun, load_trained, open_run
+from common.data import file_sha256
 from common.errors import UserError, run_main
 from common.hardware import detect, peak_memory_gib, reset_peak_memory
 
 SMOKE_PRE_TOKENIZER = {"llama": "llama-bpe", "gpt2": "gpt-2"}  # what the tiny smoke tokenizers split like
+TRAINER_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
+                 "training_args.bin")  # what a checkpoint holds beside the adapter, for --resume only
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="./run.sh export", description="Export a trained run's model.")
     parser.add_argument("run_dir", help="a finished run folder, outputs/<recipe>/<stamp>")
-    parser.add_argument("--format", required=True, choices=("merged16", "gguf"),
-                        help="merged16: 16-bit transformers weights (vLLM); gguf: llama.cpp / Ollama / LM Studio")
+    parser.add_argument("--format", required=True, choices=("adapter", "merged16", "gguf"),
+                        help="adapter: the LoRA adapter alone, to share; merged16: 16-bit transformers weights (vLLM); "
+                             "gguf: llama.cpp / Ollama / LM Studio")
     parser.add_argument("--quantization", default="q4_k_m",
                         help=f"gguf only, comma-separated: {', '.join(gguf.QUANTIZATIONS)} (default q4_k_m)")
     parser.add_argument("--push-to-hub", metavar="USER/REPO", help="upload the export there (token: HF_TOKEN)")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     parser.add_argument("--adapter", help="another adapter folder, e.g. RUN_DIR/checkpoints/checkpoint-200")
+    parser.add_argument("--export-dir", help="where the export folders go (default RUN_DIR/export); a merged 8B model "
+                                             "and its GGUF files take about 43 GiB")
     parser.add_argument("--gguf-pre-tokenizer", help="for a tokenizer llama.cpp does not recognize: the known one it "
                                                      "splits like (llama-bpe for Llama 3, gpt-2 for GPT-2)")
-    parser.add_argument("--precision", default=os.environ.get("FT_PRECISION", "auto"), help="auto|bf16|fp16|fp32")
+    parser.add_argument("--precision", default=os.environ.get("FT_PRECISION", "auto"),
+                        choices=("auto", "bf16", "fp16", "fp32"), help="auto (the GPU decides), bf16, fp16 or fp32")
     return parser.parse_args(argv)
 
 
@@ -60,18 +72,34 @@ def written_whole(target: Path):
     staging.rename(target)
 
 
-def export_merged16(run: TrainedRun, precision: str, target: Path) -> dict:
-    """The adapter merged into the base, saved in 16 bits with the tokenizer and chat template."""
+def export_adapter(run: TrainedRun, target: Path):
+    """The LoRA adapter and tokenizer as trained, with a model card; a checkpoint's optimizer and trainer state stay."""
+    with written_whole(target) as staging:
+        shutil.copytree(run.adapter, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*TRAINER_STATE))
+        (staging / "README.md").write_text(model_card(run, "adapter"))
+
+
+def export_merged16(run: TrainedRun, precision: str, target: Path, gguf_factor: float = 0.0) -> dict:
+    """The adapter merged into the base, saved in 16 bits with the tokenizer and chat template. The disk must hold the
+    merged weights and, where GGUF files follow, gguf_factor times as much again."""
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         # On a GPU the base loads in 4 bits as trained and Unsloth dequantizes it to merge; Unsloth's CPU backend
         # merges only into 16-bit weights.
         model, tokenizer = load_trained(run, precision, load_in_4bit=None if precision != "fp32" else False)
+        weights = merged16_bytes(model)
+        check_free_space(target.parent, int(weights * (1 + gguf_factor)),
+                         "merged16" + (" and the GGUF files" if gguf_factor else ""))
         reset_peak_memory()
         with written_whole(target) as staging:
             try:
                 model.save_pretrained_merged(str(staging), tokenizer, save_method="merged_16bit")
-            except (RuntimeError, OSError, ValueError) as error:
+            except Exception as error:
+                if is_out_of_disk(error):
+                    raise UserError(f"the disk under {target.parent} filled up while writing merged16 (about "
+                                    f"{size(weights)}); free some space or choose another disk with --export-dir") from None
+                if not isinstance(error, (RuntimeError, OSError, ValueError)):
+                    raise
                 # A 4-bit base merges onto its 16-bit weights, which Unsloth reads from the base's folder or downloads
                 # (a pre-quantized hub checkpoint's 16-bit sibling); offline, with only 4-bit weights, it cannot.
                 raise UserError(f"Unsloth could not merge the adapter into {run.base_model}: "
@@ -104,6 +132,8 @@ def export_gguf(run: TrainedRun, merged: Path, quantizations: list[str], target:
                 timings[quantization] = time.perf_counter() - started
         if "f16" not in quantizations:
             f16.unlink()
+        for quantization in quantizations:  # a file llama.cpp cannot load (a wrong pre-tokenizer, say) is no export
+            gguf.check_loads(staging / f"{run.recipe}-{quantization}.gguf", log)
         tokenizer = AutoTokenizer.from_pretrained(merged)
         (staging / "Modelfile").write_text(modelfile(f"{run.recipe}-{quantizations[0]}.gguf", tokenizer,
                                                      run.system_prompt))
@@ -111,21 +141,64 @@ def export_gguf(run: TrainedRun, merged: Path, quantizations: list[str], target:
     return timings
 
 
+def merged16_bytes(model) -> int:
+    """What the merged weights take in 16 bits: every base weight at 2 bytes, a 4-bit one at its full shape."""
+    total = 0
+    for name, parameter in model.named_parameters():
+        if "lora_" not in name:
+            shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+            total += 2 * (math.prod(shape) if shape is not None else parameter.numel())
+    return total
+
+
+def gguf_factor(quantizations: list[str]) -> float:
+    """The GGUF files take about this many times merged16's size: the f16 file (always written first, since the
+    quantizer starts from it) and each quantization at its bits per weight."""
+    return 1 + sum(gguf.QUANTIZATIONS[name] / 16 for name in quantizations if name != "f16")
+
+
+def check_free_space(folder: Path, needed: int, what: str):
+    """Refuse before writing anything when the disk under `folder` cannot hold `needed` bytes."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UserError(f"{what} needs about {size(needed)} free in {folder}, which has {size(free)}; free some space "
+                        f"or choose another disk with --export-dir")
+
+
+def is_out_of_disk(error: BaseException) -> bool:
+    text = str(error)
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "no disk space" in text
+
+
 def model_card(run: TrainedRun, export_format: str) -> str:
     """README.md for the hub: what was trained, from what, on what, and how well (from the run's manifest)."""
     hyperparameters = "\n".join(f"| `{name}` | `{value}` |" for name, value in run.hyperparameters.items())
     data = run.manifest.get("data", {})
+    source = data.get("source", "n/a")
     metrics = {key: value for key, value in run.manifest.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed"}
-    usage = {"merged16": "Load with `transformers` (`AutoModelForCausalLM.from_pretrained`) or serve with vLLM.",
-             "gguf": "Run with llama.cpp or LM Studio, or `ollama create NAME -f Modelfile` in this folder."}
+    what, library, usage = {
+        "adapter": ("the LoRA adapter alone", "peft",
+                    "Load it on its base model with Unsloth (`FastLanguageModel.from_pretrained` on this repository) "
+                    "or PEFT (`AutoPeftModelForCausalLM.from_pretrained`)."),
+        "merged16": ("the adapter merged into the weights", "transformers",
+                     "Load with `transformers` (`AutoModelForCausalLM.from_pretrained`) or serve with vLLM."),
+        "gguf": ("the adapter merged into the weights", "gguf",
+                 "Run with llama.cpp or LM Studio, or `ollama create NAME -f Modelfile` in this folder."),
+    }[export_format]
+    # The hub takes base_model only as a repository id: a local folder (a smoke run's, your own) is left out.
+    on_hub = not Path(run.base_model).is_absolute() and not Path(run.base_model).exists()
     return "\n".join([
-        "---", f"base_model: {run.base_model}", "library_name: transformers", "tags: [unsloth, lora, trl]", "---", "",
+        "---", *([f"base_model: {run.base_model}"] if on_hub else []), f"library_name: {library}",
+        "tags: [unsloth, lora, trl]", "---", "",
         f"# {run.recipe} ({export_format})", "",
-        f"LoRA fine-tune of `{run.base_model}` by the `{run.recipe}` recipe, trained with Unsloth + TRL + PEFT, "
-        f"the adapter merged into the weights. {usage[export_format]}", "",
+        *(["**A smoke run: a tiny random-init model trained to check the pipeline, not for use.**", ""]
+          if run.smoke else []),
+        f"LoRA fine-tune of `{run.base_model if on_hub else Path(run.base_model).name}` by the `{run.recipe}` recipe, "
+        f"trained with Unsloth + TRL + PEFT: {what}. {usage}", "",
         adapter_line(run),
-        f"- data: `{data.get('source', 'n/a')}` ({data.get('report', 'n/a')})",
+        f"- data: `{Path(source).name if Path(source).is_file() else source}` ({data.get('report', 'n/a')})",
         f"- system prompt: {run.system_prompt or 'none'}",
         *[f"- {key}: {value:.4g}" for key, value in metrics.items()], "",
         "| hyperparameter | value |", "|---|---|", hyperparameters, ""])
@@ -141,10 +214,29 @@ def hub_token() -> str:
 
 
 def adapter_line(run: TrainedRun) -> str:
-    """The model card's line naming the adapter merged in: a GGUF export reuses merged16/ only when it holds this one."""
+    """The model card's line naming the adapter exported, with its weights' hash: an export already there is reused
+    only when it holds this very adapter."""
     adapter = run.adapter.resolve()
     inside_run = adapter.is_relative_to(run.path.resolve())
-    return f"- adapter: `{adapter.relative_to(run.path.resolve()) if inside_run else adapter}`"
+    digest = file_sha256(str(adapter / "adapter_model.safetensors"))
+    return (f"- adapter: `{adapter.relative_to(run.path.resolve()) if inside_run else adapter}` "
+            f"(sha256 {digest[:16] if digest else 'n/a'})")
+
+
+def holds_export_of(folder: Path, run: TrainedRun, files: list[Path] = ()) -> bool:
+    """Whether `folder` is a complete export of this run's adapter (its card says so) with every file in `files`."""
+    card = folder / "README.md"
+    return card.is_file() and adapter_line(run) in card.read_text().splitlines() and all(f.is_file() for f in files)
+
+
+def check_repo_id(repo_id: str):
+    """A name the hub would refuse is refused before exporting, not after."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserError(f"--push-to-hub {repo_id}: not a valid repository name ({str(error).splitlines()[0][:160]}); "
+                        "use USER/NAME with letters, digits, '-', '_' and '.'") from None
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool, token: str):
@@ -164,24 +256,43 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     run = open_run(args.run_dir, args.adapter)
     quantizations = gguf.check_quantizations([q.strip() for q in args.quantization.split(",") if q.strip()])
-    token = hub_token() if args.push_to_hub else None
+    token = None
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
+        token = hub_token()
     hardware = detect(args.precision)
-    exports = run.path / "export"
-    merged = exports / "merged16"
-    card = merged / "README.md"
-    if args.format == "merged16" or not card.is_file() or adapter_line(run) not in card.read_text().splitlines():
-        figures = export_merged16(run, hardware.precision, merged)
-        print(f"merged16: {merged} ({size(folder_bytes(merged))}, {figures['seconds']:.0f} s"
-              + (f", peak GPU memory {figures['peak_gpu_memory_gib']:.2f} GiB)" if figures["peak_gpu_memory_gib"] else ")"))
-    result = merged
+    exports = Path(args.export_dir) if args.export_dir else run.path / "export"
+    reused = "{}: {} holds this adapter's export already (delete it to export again)"
+    if args.format == "adapter":
+        result = exports / "adapter"
+        if holds_export_of(result, run):
+            print(reused.format("adapter", result))
+        else:
+            export_adapter(run, result)
+            print(f"adapter: {result} ({size(folder_bytes(result))})")
+    else:
+        merged = exports / "merged16"
+        if holds_export_of(merged, run):
+            print(reused.format("merged16", merged))
+        else:
+            figures = export_merged16(run, hardware.precision, merged,
+                                      gguf_factor(quantizations) if args.format == "gguf" else 0.0)
+            print(f"merged16: {merged} ({size(folder_bytes(merged))}, {figures['seconds']:.0f} s"
+                  + (f", peak GPU memory {figures['peak_gpu_memory_gib']:.2f} GiB)"
+                     if figures["peak_gpu_memory_gib"] else ")"))
+        result = merged
     if args.format == "gguf":
         result = exports / "gguf"
-        timings = export_gguf(run, merged, quantizations, result, args.gguf_pre_tokenizer)
-        if "f16" not in quantizations:
-            print(f"gguf: converted to f16 in {timings['f16']:.0f} s (an intermediate, not kept)")
-        for quantization in quantizations:
-            file = result / f"{run.recipe}-{quantization}.gguf"
-            print(f"gguf {quantization}: {file} ({size(file.stat().st_size)}, {timings[quantization]:.0f} s)")
+        files = [result / f"{run.recipe}-{quantization}.gguf" for quantization in quantizations]
+        if holds_export_of(result, run, files):
+            print(reused.format("gguf", result))
+        else:
+            check_free_space(exports, int(folder_bytes(merged) * gguf_factor(quantizations)), "the GGUF files")
+            timings = export_gguf(run, merged, quantizations, result, args.gguf_pre_tokenizer)
+            if "f16" not in quantizations:
+                print(f"gguf: converted to f16 in {timings['f16']:.0f} s (an intermediate, not kept)")
+            for quantization, file in zip(quantizations, files):
+                print(f"gguf {quantization}: {file} ({size(file.stat().st_size)}, {timings[quantization]:.0f} s)")
         print(f"ollama: cd {result} && ollama create {run.recipe} -f Modelfile && ollama run {run.recipe}")
     if args.push_to_hub:
         push_to_hub(result, args.push_to_hub, args.private, token)
@@ -196,4 +307,4 @@ def size(n_bytes: int) -> str:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted; what was being exported was removed, earlier exports stand")

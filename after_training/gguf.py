@@ -13,7 +13,10 @@ from common.config import REPO_ROOT
 from common.errors import UserError
 
 CONVERTER = REPO_ROOT / ".export-tools" / "llama.cpp"  # where ./run.sh export unpacks llama.cpp's converter
-QUANTIZATIONS = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k")  # llama.cpp's names
+# llama.cpp's names, each with the bits a weight takes in its files (f16 and q8_0 exact; the k-quants mix types,
+# measured on a Llama-3-8B: q4_k_m 4.58 GiB where f16 is 14.96): what the free-disk check before an export counts.
+QUANTIZATIONS = {"f16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.5, "q3_k_m": 3.9,
+                 "q2_k": 3.4}
 NOT_RECOGNIZED = "BPE pre-tokenizer was not recognized"
 
 
@@ -46,8 +49,13 @@ def _run_step(args: list[str], log: Path, what: str):
         if NOT_RECOGNIZED in text:
             raise UserError("llama.cpp does not recognize this tokenizer's pre-tokenizer; name the one it derives "
                             "from with --gguf-pre-tokenizer (llama-bpe for Llama 3, gpt-2 for GPT-2)")
-        last = next((line for line in reversed(text.splitlines()) if line.strip()), "no output")
-        raise UserError(f"{what} failed: {last.strip()[:200]} (full output in {log})")
+        if "No space left on device" in text:
+            raise UserError(f"{what} ran out of disk in {log.parent}; free some space or choose another disk with "
+                            "--export-dir")
+        lines = [line.split("\r")[-1].strip() for line in text.splitlines()]  # a progress bar's last state
+        reason = next((line for line in reversed(lines) if "error loading model" in line), None) or next(
+            (line for line in reversed(lines) if line), "no output")
+        raise UserError(f"{what} failed: {reason[:200]} (full output in {log})")
 
 
 def convert(merged_dir: Path, outfile: Path, log: Path, pre_tokenizer: str | None = None):
@@ -58,6 +66,11 @@ def convert(merged_dir: Path, outfile: Path, log: Path, pre_tokenizer: str | Non
 def quantize(f16_file: Path, outfile: Path, quantization: str, log: Path):
     """f16 GGUF -> a quantized GGUF with llama.cpp's quantizer (llama_model_quantize)."""
     _run_step(["quantize", str(f16_file), str(outfile), quantization], log, f"llama.cpp's quantizer ({quantization})")
+
+
+def check_loads(gguf_file: Path, log: Path):
+    """llama.cpp reads the file's metadata and vocabulary back, as every program that runs it will."""
+    _run_step(["check", str(gguf_file)], log, f"llama.cpp loading {gguf_file.name}")
 
 
 def _convert_main(merged_dir: str, outfile: str, pre_tokenizer: str):
@@ -88,6 +101,11 @@ def _quantize_main(f16_file: str, outfile: str, quantization: str):
         sys.exit(f"llama_model_quantize returned an error for {quantization}")
 
 
+def _check_main(gguf_file: str):
+    import llama_cpp
+    llama_cpp.Llama(model_path=gguf_file, vocab_only=True, verbose=True)  # verbose: llama.cpp's reason goes to the log
+
+
 if __name__ == "__main__":
     step, *arguments = sys.argv[1:]
-    {"convert": _convert_main, "quantize": _quantize_main}[step](*arguments)
+    {"convert": _convert_main, "quantize": _quantize_main, "check": _check_main}[step](*arguments)
