@@ -32,7 +32,8 @@ def parse_args(argv):
     parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 (default) answers greedily, the same every time; 0.7 gives varied replies")
-    parser.add_argument("--precision", default=os.environ.get("FT_PRECISION", "auto"), help="auto|bf16|fp16|fp32")
+    parser.add_argument("--precision", default=os.environ.get("FT_PRECISION", "auto"),
+                        choices=("auto", "bf16", "fp16", "fp32"), help="auto (the GPU decides), bf16, fp16 or fp32")
     return parser.parse_args(argv)
 
 
@@ -40,7 +41,8 @@ def parse_args(argv):
 def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, base: bool,
           max_seq_length: int) -> str:
     """Stream the model's next turn to stdout and return it. The oldest exchanges are left out of the prompt when the
-    conversation no longer fits max_seq_length with room for the reply."""
+    conversation no longer fits max_seq_length with room for the reply; a message longer than the model's context is
+    refused."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     while True:
@@ -49,6 +51,11 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperatu
         if encoded["input_ids"].shape[1] + max_new_tokens <= max_seq_length or len(turns) <= 1:
             break
         turns = turns[2:]
+    context = model.config.max_position_embeddings  # past it a model with learned positions (GPT-2) cannot go
+    if encoded["input_ids"].shape[1] + max_new_tokens > context:
+        raise UserError(f"the message is {encoded['input_ids'].shape[1]:,} tokens with the template; with "
+                        f"--max-new-tokens {max_new_tokens} it does not fit the model's {context:,}-token context: "
+                        "shorten it or lower --max-new-tokens")
     encoded = encoded.to(model.device)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     without_adapter = model.disable_adapter() if base else contextlib.nullcontext()
@@ -78,11 +85,17 @@ def main(argv=None):
 
     which = "the base model, no adapter" if args.base else f"adapter {run.adapter}"
     print(f"chatting with {run.recipe} ({which}{', tiny smoke model' if run.smoke else ''}); "
-          f"/reset clears the conversation, /exit or Ctrl-D leaves")
+          f"/reset clears the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply")
+    converse(answer, opening)
+
+
+def converse(answer, opening: list[dict], read=input):
+    """The interactive loop: each line is a user turn answered with the conversation so far. A reply stopped with
+    Ctrl-C, or a message too long to answer, leaves the conversation as it was before that message."""
     messages = list(opening)
     while True:
         try:
-            text = input("you> ").strip()
+            text = read("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return
@@ -94,10 +107,15 @@ def main(argv=None):
             continue
         if not text:
             continue
-        messages.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
-        messages.append({"role": "assistant", "content": answer(messages)})
+        try:
+            messages += [{"role": "user", "content": text},
+                         {"role": "assistant", "content": answer(messages + [{"role": "user", "content": text}])}]
+        except KeyboardInterrupt:
+            print("\n(reply stopped; the conversation goes on without that message)")
+        except UserError as error:
+            print(f"\n({error})")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted")

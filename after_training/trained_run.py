@@ -19,12 +19,14 @@ class TrainedRun:
     base_model: str
     hyperparameters: dict
     manifest: dict
+    recipe_constants: dict  # what a recipe fixes outside its hyperparameters, saved at the start (a system prompt)
     smoke: bool  # trained on a tiny random model: outputs are for checking the pipeline, not for use
 
     @property
     def system_prompt(self) -> str | None:
         """The system prompt the run trained with, where it had one (a recipe field or a recipe constant)."""
-        return self.hyperparameters.get("system_prompt") or self.manifest.get("system_prompt") or None
+        return (self.hyperparameters.get("system_prompt") or self.recipe_constants.get("system_prompt")
+                or self.manifest.get("system_prompt") or None)  # the manifest: runs from before recipe_constants
 
     @property
     def max_seq_length(self) -> int:
@@ -32,8 +34,11 @@ class TrainedRun:
 
     @property
     def load_in_4bit(self) -> bool:
-        """Whether the adapter was trained on a 4-bit base: the manifest says so where a run trains both ways (GPT-2's
-        study), the hyperparameters elsewhere."""
+        """Whether the adapter was trained on a 4-bit base. Where a run trains both ways (GPT-2's study) its manifest
+        lists each adapter with the quantization it trained on; elsewhere the hyperparameters say."""
+        for trained in self.manifest.get("runs", []):
+            if "adapter" in trained and (self.path / trained["adapter"]).resolve() == self.adapter.resolve():
+                return trained.get("quantization") is not None
         return bool(self.manifest.get("load_in_4bit", self.hyperparameters.get("load_in_4bit", True)))
 
 
@@ -58,7 +63,7 @@ def open_run(run_dir: str, adapter: str | None = None) -> TrainedRun:
         raise UserError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; the adapter cannot be loaded")
     return TrainedRun(path=path, recipe=manifest.get("recipe", path.parent.name), adapter=adapter_dir,
                       base_model=base_model, hyperparameters=config.get("hyperparameters", {}), manifest=manifest,
-                      smoke=bool(config.get("run", {}).get("smoke")))
+                      recipe_constants=config.get("recipe_constants", {}), smoke=bool(config.get("run", {}).get("smoke")))
 
 
 def load_trained(run: TrainedRun, precision: str, load_in_4bit: bool | None = None):
@@ -70,6 +75,9 @@ def load_trained(run: TrainedRun, precision: str, load_in_4bit: bool | None = No
 
     from common.model import load_model
     model, tokenizer = load_model(str(run.adapter), run.max_seq_length, precision,
-                                  run.load_in_4bit if load_in_4bit is None else load_in_4bit)
+                                  run.load_in_4bit if load_in_4bit is None else load_in_4bit,
+                                  fix=f"its base model {run.base_model!r} (base_model_name_or_path in "
+                                      f"{run.adapter / 'adapter_config.json'}) must be in the Hugging Face cache or "
+                                      "downloadable")
     FastLanguageModel.for_inference(model)
     return model, tokenizer

@@ -11,8 +11,9 @@ OOM_HINT = ("CUDA out of memory: lower --per-device-train-batch-size (raising --
             "keeps the effective batch), lower --max-seq-length, or keep --load-in-4bit on")
 
 
-def run_main(main):
-    """Run a recipe's main(); user errors and CUDA OOM exit with one line on stderr, no traceback."""
+def run_main(main, interrupted: str = "interrupted; resume with --resume <run folder>"):
+    """Run a recipe's (or chat's, export's) main(); user errors, Ctrl-C and CUDA OOM exit with one line on stderr, no
+    traceback."""
     try:
         main()
     except UserError as error:
@@ -20,7 +21,7 @@ def run_main(main):
         print(f"error{'' if rank == '0' else f' (rank {rank})'}: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted; resume with --resume <run folder>", file=sys.stderr)
+        print(f"error: {interrupted}", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
         if is_out_of_memory(error):

@@ -6,8 +6,10 @@ from common.errors import UserError
 from common.hardware import torch_dtype
 
 
-def load_model(model_name: str, max_seq_length: int, precision: str, load_in_4bit: bool, **kwargs):
-    """FastLanguageModel.from_pretrained in the run's precision; fp32 (CPU) lets Unsloth's CPU backend choose."""
+def load_model(model_name: str, max_seq_length: int, precision: str, load_in_4bit: bool,
+               fix: str = "check --model-name, or use --smoke to run offline on a tiny model", **kwargs):
+    """FastLanguageModel.from_pretrained in the run's precision; fp32 (CPU) lets Unsloth's CPU backend choose. `fix`
+    ends the one-line error when the model cannot be loaded."""
     try:
         return FastLanguageModel.from_pretrained(
             model_name=model_name,
@@ -18,8 +20,7 @@ def load_model(model_name: str, max_seq_length: int, precision: str, load_in_4bi
         )
     except (OSError, ValueError) as error:
         first_line = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UserError(f"could not load model {model_name!r} ({first_line}); check --model-name, "
-                        f"or use --smoke to run offline on a tiny model") from None
+        raise UserError(f"could not load model {model_name!r} ({first_line}); {fix}") from None
 
 
 def quantization_in_use(model) -> dict | None:

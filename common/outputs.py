@@ -109,9 +109,11 @@ class RunFolder:
             return
         (self.path / name).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
-    def write_config(self, cfg, run):
+    def write_config(self, cfg, run, **recipe_constants):
+        """config.json; `recipe_constants` are what the recipe fixes outside its dataclass that chat and export need
+        from the first checkpoint on (tinyllama_sentiment's system prompt)."""
         self.write_json("config.json", {"hyperparameters": dataclasses.asdict(cfg), "run": dataclasses.asdict(run),
-                                        "world_size": distributed.world_size()})
+                                        "recipe_constants": recipe_constants, "world_size": distributed.world_size()})
 
     def save_adapter(self, model, tokenizer):
         if not distributed.is_main():

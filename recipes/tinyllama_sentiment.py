@@ -86,7 +86,7 @@ def main(argv=None):
     set_seed(cfg.seed)
     folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
     with folder:
-        folder.write_config(cfg, run)
+        folder.write_config(cfg, run, system_prompt=SYSTEM_PROMPT)  # chat and export answer as trained
         print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
 
         # 1. Data first (the smoke tokenizer is trained on it): labelled splits and their class balance.

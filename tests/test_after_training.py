@@ -1,7 +1,9 @@
 """After training, on smoke runs of a Llama and a GPT-2 recipe: merged 16-bit weights, GGUF files read back by llama.cpp,
 the Ollama Modelfile rendered by Go's text/template, chat, the hub push's refusals, loss.png and TensorBoard files."""
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -241,6 +243,10 @@ def test_an_export_is_renamed_into_place_only_when_whole(tmp_path):
 def test_push_to_hub_needs_a_token_and_reports_an_unreachable_hub(llama_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("export"))
+    bad_name = export(run, "--format", "merged16", "--push-to-hub", "my model", env={"HF_TOKEN": "hf_x"})
+    assert bad_name.returncode == 2
+    assert bad_name.stderr.strip().splitlines()[-1].startswith(
+        "error: --push-to-hub my model: not a valid repository name (")
     no_token = export(run, "--format", "merged16", "--push-to-hub", "someone/model", env={"HF_TOKEN": ""})
     assert no_token.returncode == 2
     assert no_token.stderr.strip().splitlines()[-1] == (
@@ -254,8 +260,11 @@ def test_push_to_hub_needs_a_token_and_reports_an_unreachable_hub(llama_run, tmp
     assert last.startswith("error: --push-to-hub someone/model: the upload failed (") and "hf_not_a_real_token" not in last
     assert last.endswith(f"the export is kept in {run / 'export' / 'merged16'}")
     readme = (run / "export" / "merged16" / "README.md").read_text()
-    assert "base_model:" in readme and "llama3_8b" in readme and "| `lora_r` | `8` |" in readme
-    assert "- adapter: `adapter`" in readme.splitlines()
+    assert "llama3_8b" in readme and "| `lora_r` | `8` |" in readme and "library_name: transformers" in readme
+    assert "base_model:" not in readme and str(run) not in readme  # the smoke base is a local folder: not published
+    assert "A smoke run: a tiny random-init model" in readme
+    digest = hashlib.sha256((run / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    assert f"- adapter: `adapter` (sha256 {digest})" in readme.splitlines()
     assert "hf_not_a_real_token" not in "".join(p.read_text(errors="ignore") for p in run.rglob("*") if p.is_file()
                                                 and p.suffix in (".md", ".json", ".txt", ".log"))
 
@@ -301,6 +310,35 @@ def test_chat_keeps_history_until_reset(gpt2_run):
     assert replies == [first, second, alone]
 
 
+def test_a_message_longer_than_the_models_context_is_refused_in_one_line(gpt2_run):
+    result = python_module("after_training.chat", str(gpt2_run), "--prompt", "give three tips " * 400)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the message is ") and last.endswith(
+        "tokens with the template; with --max-new-tokens 256 it does not fit the model's 1,024-token context: "
+        "shorten it or lower --max-new-tokens")
+
+
+def test_a_stopped_or_refused_reply_leaves_the_conversation_as_it_was():
+    from after_training.chat import converse
+    from common.errors import UserError
+    lines = iter(["first", "interrupted", "too long", "second", "/exit"])
+    seen = []
+
+    def answer(messages):
+        seen.append([m["content"] for m in messages])
+        if messages[-1]["content"] == "interrupted":
+            raise KeyboardInterrupt
+        if messages[-1]["content"] == "too long":
+            raise UserError("the message is 2,000 tokens")
+        return f"reply to {messages[-1]['content']}"
+
+    converse(answer, [{"role": "system", "content": "be brief"}], read=lambda prompt: next(lines))
+    assert seen == [["be brief", "first"], ["be brief", "first", "reply to first", "interrupted"],
+                    ["be brief", "first", "reply to first", "too long"],
+                    ["be brief", "first", "reply to first", "second"]]
+
+
 def test_chat_on_an_unfinished_run_says_why_in_one_line(llama_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("adapter", "export", "results.md"))
@@ -339,6 +377,65 @@ def test_a_gguf_export_of_another_adapter_merges_that_adapter_again(llama_run, t
                              for name, tensor in load_file(path / "adapter_model.safetensors").items()))
     result = export(run, "--format", "gguf", "--quantization", "q8_0", "--adapter", str(checkpoint))
     assert result.returncode == 0, result.stderr[-2000:]
-    card = (run / "export" / "merged16" / "README.md").read_text().splitlines()
-    assert f"- adapter: `checkpoints/{checkpoint.name}`" in card
+    card = (run / "export" / "merged16" / "README.md").read_text()
+    assert f"- adapter: `checkpoints/{checkpoint.name}` (sha256 " in card
     assert (run / "export" / "merged16" / "model.safetensors").read_bytes() != final
+
+
+def test_the_adapter_alone_exports_without_trainer_state_and_an_export_of_it_is_reused(llama_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("export"))
+    checkpoint = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+    exports = tmp_path / "elsewhere"
+    first = export(run, "--format", "adapter", "--adapter", str(checkpoint), "--export-dir", str(exports))
+    assert first.returncode == 0, first.stderr[-3000:]
+    shared = exports / "adapter"
+    assert sorted(path.name for path in shared.iterdir()) == sorted(
+        ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
+         "tokenizer_config.json"])  # no optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json
+    weights = (shared / "adapter_model.safetensors").read_bytes()
+    assert weights == (checkpoint / "adapter_model.safetensors").read_bytes()
+    card = (shared / "README.md").read_text()
+    assert "library_name: peft" in card
+    assert f"- adapter: `checkpoints/{checkpoint.name}` (sha256 {hashlib.sha256(weights).hexdigest()[:16]})" in card
+    assert not (run / "export").exists()  # --export-dir: nothing in the run folder
+
+    written_at = (shared / "README.md").stat().st_mtime_ns
+    again = export(run, "--format", "adapter", "--adapter", str(checkpoint), "--export-dir", str(exports))
+    assert f"adapter: {shared} holds this adapter's export already" in again.stdout
+    assert (shared / "README.md").stat().st_mtime_ns == written_at
+    other = export(run, "--format", "adapter", "--export-dir", str(exports))  # the run's final adapter replaces it
+    assert other.returncode == 0 and "holds this adapter's export already" not in other.stdout
+    assert (shared / "adapter_model.safetensors").read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_an_export_larger_than_the_free_disk_is_refused_before_writing(llama_run, tmp_path, monkeypatch):
+    import collections
+
+    from after_training import export as exporter
+    from after_training.trained_run import load_trained, open_run
+    from common.errors import UserError
+    exports = tmp_path / "exports"
+    free = collections.namedtuple("usage", "total used free")(10 * 2**30, 10 * 2**30 - 2**16, 2**16)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: free)
+    with pytest.raises(UserError, match=rf"^merged16 and the GGUF files needs about [\d.]+ MiB free in {re.escape(str(exports))}"
+                                        r", which has 0\.1 MiB; free some space or choose another disk with --export-dir$"):
+        exporter.main([str(llama_run), "--format", "gguf", "--quantization", "q4_k_m,q8_0", "--export-dir", str(exports)])
+    assert not exports.exists()
+    # The count it refused on: the merged weights at 2 bytes a parameter, which is what merged16 then takes.
+    model, _ = load_trained(open_run(str(llama_run)), "fp32", load_in_4bit=False)
+    monkeypatch.undo()
+    exporter.main([str(llama_run), "--format", "merged16", "--export-dir", str(exports)])
+    written = sum(f.stat().st_size for f in (exports / "merged16").glob("*.safetensors"))
+    assert 0.9 * written <= exporter.merged16_bytes(model) <= written
+
+
+def test_a_gguf_that_llama_cpp_cannot_load_is_not_exported(llama_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("export"))
+    result = export(run, "--format", "gguf", "--quantization", "q8_0", "--gguf-pre-tokenizer", "not-a-pre-tokenizer")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: llama.cpp loading llama3_8b-q8_0.gguf failed: llama_model_load: error loading model: error loading "
+        f"model vocabulary: unknown pre-tokenizer type: 'not-a-pre-tokenizer' (full output in {run / 'export' / 'gguf.log'})")
+    assert not (run / "export" / "gguf").exists() and not (run / "export" / "gguf.partial").exists()

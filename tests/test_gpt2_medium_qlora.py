@@ -65,6 +65,23 @@ def test_smoke_study_writes_every_table_plot_and_adapter(smoke_run):
     assert "4-bit base as loaded: nf4, block 64, double quantization True" in results
 
 
+def test_chat_and_export_load_each_adapter_on_the_base_it_trained_on(smoke_run, tmp_path):
+    import shutil
+
+    from after_training.trained_run import open_run
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    # On a GPU the QLoRA side trains on bitsandbytes 4-bit layers, which its entry records (Unsloth's CPU backend has none).
+    for trained in manifest["runs"]:
+        trained["quantization"] = {"quant_type": "nf4"} if trained["side"] == "qlora" else None
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    sides = {trained["side"] for trained in manifest["runs"]}
+    assert sides == {"qlora", "lora"}
+    for trained in manifest["runs"]:
+        assert open_run(str(run), str(run / trained["adapter"])).load_in_4bit is (trained["side"] == "qlora")
+
+
 def test_the_cosine_has_a_yardstick_qlora_against_itself_from_another_seed(smoke_run):
     folder, _ = smoke_run
     study = json.loads((folder / "study.json").read_text())

@@ -2,6 +2,7 @@
 constrained label choice, metrics against hand counts and scikit-learn, data errors, --balance, and a learnability
 check (a tiny model learns a synthetic cue-word task far above the majority baseline, twice to the same F1)."""
 import json
+import shutil
 import random
 from types import SimpleNamespace
 
@@ -97,6 +98,14 @@ def tiny(recipe):
                                                          dtype=torch.float32)
     assert model.dtype == torch.float32
     return model.eval(), set_chat_template(tokenizer, "zephyr")
+
+
+def test_a_checkpoint_of_an_unfinished_run_chats_with_the_system_prompt_it_trained_with(smoke_run, recipe, tmp_path):
+    from after_training.trained_run import open_run
+    run = tmp_path / "run"  # as a run stopped before the end: no manifest, no adapter/ yet, only checkpoints
+    shutil.copytree(smoke_run[0], run, ignore=shutil.ignore_patterns("manifest.json", "adapter", "results.md"))
+    checkpoint = next((run / "checkpoints").glob("checkpoint-*"))
+    assert open_run(str(run), str(checkpoint)).system_prompt == recipe.SYSTEM_PROMPT
 
 
 def test_smoke_run_writes_every_output(smoke_run):
