@@ -56,6 +56,7 @@ def test_llama3_8b_real_shape_chats_merges_and_exports_gguf(run_recipe, tmp_path
     import shutil
     import llama_cpp
     from after_training import chat, export
+    from after_training.trained_run import load_trained, open_run
     from tests.gpu.conftest import build_model, release_gpu_memory
     base = tmp_path / "llama-3-8b"
     build_model("llama-3-8b", base)
@@ -77,12 +78,20 @@ def test_llama3_8b_real_shape_chats_merges_and_exports_gguf(run_recipe, tmp_path
     merged = folder / "export" / "merged16"
     size = sum(path.stat().st_size for path in merged.glob("*.safetensors")) / 2**30
     assert 14.5 < size < 15.5  # 8.03B parameters in 16 bits: 14.96 GiB
+    model, _ = load_trained(open_run(str(folder)), "fp16")  # what the free-disk check counts on the 4-bit model
+    counted = export.merged16_bytes(model) / 2**30
+    del model
+    release_gpu_memory()
+    print(f"merged16: {size:.2f} GiB written, {counted:.2f} GiB counted from the 4-bit model before writing")
+    assert 0.99 * size <= counted <= 1.01 * size
     shutil.rmtree(base)  # the machine's disk holds the merged weights, the f16 GGUF and two quantizations, not the base too
     release_gpu_memory()
 
     # The tokenizer trained here is unknown to llama.cpp: name the Llama 3 pre-tokenizer it splits like.
     export.main([str(folder), "--format", "gguf", "--quantization", "q4_k_m,q8_0", "--gguf-pre-tokenizer", "llama-bpe"])
-    print(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    print(printed)
+    assert f"merged16: {merged} holds this adapter's export already" in printed  # no second merge
     gguf = {path.name: path.stat().st_size / 2**30 for path in (folder / "export" / "gguf").glob("*.gguf")}
     print("GGUF sizes: " + ", ".join(f"{name} {size:.2f} GiB" for name, size in sorted(gguf.items())))
     assert set(gguf) == {"llama3_8b-q4_k_m.gguf", "llama3_8b-q8_0.gguf"}
@@ -95,3 +104,9 @@ def test_llama3_8b_real_shape_chats_merges_and_exports_gguf(run_recipe, tmp_path
     finally:
         model.close()
     assert len(tokens) == 8
+
+    export.main([str(folder), "--format", "adapter"])
+    print(capsys.readouterr().out)
+    shared = folder / "export" / "adapter"
+    assert (shared / "adapter_model.safetensors").read_bytes() == (folder / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert "library_name: peft" in (shared / "README.md").read_text()
