@@ -108,9 +108,9 @@ def converse(answer, opening: list[dict], read=input):
         if not text:
             continue
         print("model> ", end="", flush=True)
+        asked = messages + [{"role": "user", "content": text}]
         try:
-            messages += [{"role": "user", "content": text},
-                         {"role": "assistant", "content": answer(messages + [{"role": "user", "content": text}])}]
+            messages = asked + [{"role": "assistant", "content": answer(asked)}]
         except KeyboardInterrupt:
             print("\n(reply stopped; the conversation goes on without that message)")
         except UserError as error:
