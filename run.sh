@@ -55,7 +55,7 @@ ensure_installed() {
       ('unsloth', 'trl', 'peft', 'datasets', 'rich', 'yaml', 'sklearn', 'matplotlib', 'tensorboard'$([ "$kind" = cpu ] && echo ", 'pytest'"))))"; then
     return
   fi
-  echo "setting up the $kind environment ($PY); this happens once" >&2
+  echo "setting up the $kind environment ($PY): a few minutes, once for this environment (on Colab, once a runtime)" >&2
   if [ "$kind" = gpu ]; then
     # A CUDA torch already there (Colab's) stays: pip must then choose the xformers built for it instead of swapping
     # torch for the one the newest xformers wants.
@@ -85,7 +85,7 @@ ensure_export_tools() {
       && "$PY" -c "import llama_cpp, sentencepiece" 2>/dev/null; then
     return
   fi
-  echo "setting up llama.cpp's converter and quantizer (llama-cpp-python $version from source); this happens once" >&2
+  echo "setting up llama.cpp's converter and quantizer (llama-cpp-python $version from source): about 4 minutes on 2 cores, once for this environment" >&2
   mkdir -p "$EXPORT_TOOLS"
   [ -f "$sdist" ] || "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$EXPORT_TOOLS"
   rm -rf "$EXPORT_TOOLS/llama.cpp" && mkdir "$EXPORT_TOOLS/llama.cpp"

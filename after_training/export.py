@@ -176,8 +176,10 @@ def model_card(run: TrainedRun, export_format: str) -> str:
     hyperparameters = "\n".join(f"| `{name}` | `{value}` |" for name, value in run.hyperparameters.items())
     data = run.manifest.get("data", {})
     source = data.get("source", "n/a")
+    # The manifest's figures describe the run's own adapter; a checkpoint exported with --adapter has none of its own.
+    final = run.adapter.resolve() == (run.path / "adapter").resolve()
     metrics = {key: value for key, value in run.manifest.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed"}
+               if final and isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed"}
     what, library, usage = {
         "adapter": ("the LoRA adapter alone", "peft",
                     "Load it on its base model with Unsloth (`FastLanguageModel.from_pretrained` on this repository) "

@@ -262,6 +262,7 @@ def test_push_to_hub_needs_a_token_and_reports_an_unreachable_hub(llama_run, tmp
     readme = (run / "export" / "merged16" / "README.md").read_text()
     assert "llama3_8b" in readme and "| `lora_r` | `8` |" in readme and "library_name: transformers" in readme
     assert "base_model:" not in readme and str(run) not in readme  # the smoke base is a local folder: not published
+    assert "- best_eval_loss: " in readme
     assert "A smoke run: a tiny random-init model" in readme
     digest = hashlib.sha256((run / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
     assert f"- adapter: `adapter` (sha256 {digest})" in readme.splitlines()
@@ -396,7 +397,7 @@ def test_the_adapter_alone_exports_without_trainer_state_and_an_export_of_it_is_
     weights = (shared / "adapter_model.safetensors").read_bytes()
     assert weights == (checkpoint / "adapter_model.safetensors").read_bytes()
     card = (shared / "README.md").read_text()
-    assert "library_name: peft" in card
+    assert "library_name: peft" in card and "best_eval_loss" not in card  # the run's figures are not this checkpoint's
     assert f"- adapter: `checkpoints/{checkpoint.name}` (sha256 {hashlib.sha256(weights).hexdigest()[:16]})" in card
     assert not (run / "export").exists()  # --export-dir: nothing in the run folder
 
