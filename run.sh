@@ -51,8 +51,11 @@ ensure_installed() {
   python_env "$kind"
   if [ -n "$STAMP" ]; then
     [ -f "$STAMP" ] && return
-  elif "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
-      ('unsloth', 'trl', 'peft', 'datasets', 'rich', 'yaml', 'sklearn', 'matplotlib', 'tensorboard'$([ "$kind" = cpu ] && echo ", 'pytest'"))))"; then
+  # An active environment is set up when all is importable and Unsloth is at this repository's pin: another Unsloth
+  # (an earlier notebook cell's) would run against other transformers and TRL versions than the recipes were made for.
+  elif "$PY" -c "import importlib.util as u, importlib.metadata as m, sys; sys.exit(any(u.find_spec(n) is None for n in
+      ('unsloth', 'trl', 'peft', 'datasets', 'rich', 'yaml', 'sklearn', 'matplotlib', 'tensorboard'$([ "$kind" = cpu ] && echo ", 'pytest'")))
+      or m.version('unsloth') != '$(sed -n 's/^unsloth==//p' "$ROOT/requirements.txt")')"; then
     return
   fi
   echo "setting up the $kind environment ($PY): a few minutes, once for this environment (on Colab, once a runtime)" >&2

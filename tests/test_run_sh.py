@@ -1,6 +1,7 @@
 """run.sh: GPU detection from nvidia-smi (faked here), the precision rule, the recipe list and its refusals."""
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,6 +94,41 @@ exit 0
     install = next(call for call in calls if "pip install" in call)
     assert install.endswith(f"-r {REPO}/requirements.txt -c {REPO}/.torch-constraint.txt")
     assert (REPO / ".torch-constraint.txt").read_text() == "torch==2.8.0+cu126\n"
+    assert calls[-1] == "-m recipes.llama3_8b --smoke"
+
+
+@pytest.mark.parametrize("installed, sets_up", [("2025.1.1", True), (None, False)])
+def test_an_active_environment_with_another_unsloth_gets_this_repositorys_set(installed, sets_up, tmp_path):
+    """Colab with an Unsloth from an earlier notebook cell: everything imports, but the recipes' pins are not there."""
+    pinned = next(line.split("==")[1] for line in (REPO / "requirements.txt").read_text().splitlines()
+                  if line.startswith("unsloth=="))
+    site = tmp_path / "site"  # importable stand-ins, ahead of the real packages on the path
+    for name in ("unsloth", "trl", "peft", "datasets", "rich", "yaml", "sklearn", "matplotlib", "tensorboard"):
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text("")
+    info = site / f"unsloth-{installed or pinned}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: unsloth\nVersion: {installed or pinned}\n")
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text(f"""#!/bin/sh
+case "$1 $2" in
+  "-m pip"|"-m recipes.llama3_8b") echo "$*" >> {log}; exit 0 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Tesla T4, 7.5'\n")
+    for program in ("python3", "nvidia-smi"):
+        (fake / program).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path),
+           "PYTHONPATH": str(site)}
+    env.pop("FT_PRECISION", None)
+    result = subprocess.run([str(REPO / "run.sh"), "llama3_8b", "--smoke"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    assert any(call.startswith(f"-m pip install -q -r {REPO}/requirements.txt") for call in calls) is sets_up
     assert calls[-1] == "-m recipes.llama3_8b --smoke"
 
 
