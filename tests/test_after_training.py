@@ -1,5 +1,7 @@
 """After training, on smoke runs of a Llama and a GPT-2 recipe: merged 16-bit weights, GGUF files read back by llama.cpp,
 the Ollama Modelfile rendered by Go's text/template, chat, the hub push's refusals, loss.png and TensorBoard files."""
+import unsloth  # noqa: F401  (first, as in chat and export: it patches transformers and PEFT on import)
+
 import hashlib
 import json
 import os
@@ -243,10 +245,11 @@ def test_an_export_is_renamed_into_place_only_when_whole(tmp_path):
 def test_push_to_hub_needs_a_token_and_reports_an_unreachable_hub(llama_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("export"))
-    bad_name = export(run, "--format", "merged16", "--push-to-hub", "my model", env={"HF_TOKEN": "hf_x"})
-    assert bad_name.returncode == 2
-    assert bad_name.stderr.strip().splitlines()[-1].startswith(
-        "error: --push-to-hub my model: not a valid repository name (")
+    from after_training import export as exporter
+    from common.errors import UserError
+    with pytest.raises(UserError, match=r"^--push-to-hub my model: not a valid repository name \("):
+        exporter.main([str(run), "--format", "merged16", "--push-to-hub", "my model"])
+    assert not (run / "export").exists()
     no_token = export(run, "--format", "merged16", "--push-to-hub", "someone/model", env={"HF_TOKEN": ""})
     assert no_token.returncode == 2
     assert no_token.stderr.strip().splitlines()[-1] == (
@@ -312,12 +315,12 @@ def test_chat_keeps_history_until_reset(gpt2_run):
 
 
 def test_a_message_longer_than_the_models_context_is_refused_in_one_line(gpt2_run):
-    result = python_module("after_training.chat", str(gpt2_run), "--prompt", "give three tips " * 400)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the message is ") and last.endswith(
-        "tokens with the template; with --max-new-tokens 256 it does not fit the model's 1,024-token context: "
-        "shorten it or lower --max-new-tokens")
+    from after_training import chat as chatting
+    from common.errors import UserError
+    with pytest.raises(UserError, match=r"^the message is [\d,]+ tokens with the template; with --max-new-tokens 256 it "
+                                        r"does not fit the model's 1,024-token context: shorten it or lower "
+                                        r"--max-new-tokens$"):
+        chatting.main([str(gpt2_run), "--prompt", "give three tips " * 400])
 
 
 def test_a_stopped_or_refused_reply_leaves_the_conversation_as_it_was():
@@ -383,13 +386,13 @@ def test_a_gguf_export_of_another_adapter_merges_that_adapter_again(llama_run, t
     assert (run / "export" / "merged16" / "model.safetensors").read_bytes() != final
 
 
-def test_the_adapter_alone_exports_without_trainer_state_and_an_export_of_it_is_reused(llama_run, tmp_path):
+def test_the_adapter_alone_exports_without_trainer_state_and_an_export_of_it_is_reused(llama_run, tmp_path, capsys):
+    from after_training import export as exporter
     run = tmp_path / "run"
     shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("export"))
     checkpoint = sorted((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
     exports = tmp_path / "elsewhere"
-    first = export(run, "--format", "adapter", "--adapter", str(checkpoint), "--export-dir", str(exports))
-    assert first.returncode == 0, first.stderr[-3000:]
+    exporter.main([str(run), "--format", "adapter", "--adapter", str(checkpoint), "--export-dir", str(exports)])
     shared = exports / "adapter"
     assert sorted(path.name for path in shared.iterdir()) == sorted(
         ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tokenizer.json",
@@ -402,11 +405,12 @@ def test_the_adapter_alone_exports_without_trainer_state_and_an_export_of_it_is_
     assert not (run / "export").exists()  # --export-dir: nothing in the run folder
 
     written_at = (shared / "README.md").stat().st_mtime_ns
-    again = export(run, "--format", "adapter", "--adapter", str(checkpoint), "--export-dir", str(exports))
-    assert f"adapter: {shared} holds this adapter's export already" in again.stdout
+    capsys.readouterr()
+    exporter.main([str(run), "--format", "adapter", "--adapter", str(checkpoint), "--export-dir", str(exports)])
+    assert f"adapter: {shared} holds this adapter's export already" in capsys.readouterr().out
     assert (shared / "README.md").stat().st_mtime_ns == written_at
-    other = export(run, "--format", "adapter", "--export-dir", str(exports))  # the run's final adapter replaces it
-    assert other.returncode == 0 and "holds this adapter's export already" not in other.stdout
+    exporter.main([str(run), "--format", "adapter", "--export-dir", str(exports)])  # the run's final adapter replaces it
+    assert "holds this adapter's export already" not in capsys.readouterr().out
     assert (shared / "adapter_model.safetensors").read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
@@ -432,11 +436,14 @@ def test_an_export_larger_than_the_free_disk_is_refused_before_writing(llama_run
 
 
 def test_a_gguf_that_llama_cpp_cannot_load_is_not_exported(llama_run, tmp_path):
+    from after_training import export as exporter
+    from common.errors import UserError
     run = tmp_path / "run"
     shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("export"))
-    result = export(run, "--format", "gguf", "--quantization", "q8_0", "--gguf-pre-tokenizer", "not-a-pre-tokenizer")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: llama.cpp loading llama3_8b-q8_0.gguf failed: llama_model_load: error loading model: error loading "
+    with pytest.raises(UserError) as error:
+        exporter.main([str(run), "--format", "gguf", "--quantization", "q8_0",
+                       "--gguf-pre-tokenizer", "not-a-pre-tokenizer"])
+    assert str(error.value) == (
+        f"llama.cpp loading llama3_8b-q8_0.gguf failed: llama_model_load: error loading model: error loading "
         f"model vocabulary: unknown pre-tokenizer type: 'not-a-pre-tokenizer' (full output in {run / 'export' / 'gguf.log'})")
     assert not (run / "export" / "gguf").exists() and not (run / "export" / "gguf.partial").exists()
