@@ -28,7 +28,6 @@ from pathlib import Path
 from after_training import gguf
 from after_training.ollama import modelfile
 from after_training.trained_run import TrainedRun, load_trained, open_run
-from common.data import file_sha256
 from common.errors import UserError, run_main
 from common.hardware import detect, peak_memory_gib, reset_peak_memory
 
@@ -220,7 +219,7 @@ def adapter_line(run: TrainedRun) -> str:
     only when it holds this very adapter."""
     adapter = run.adapter.resolve()
     inside_run = adapter.is_relative_to(run.path.resolve())
-    digest = file_sha256(str(adapter / "adapter_model.safetensors"))
+    digest = run.adapter_sha256
     return (f"- adapter: `{adapter.relative_to(run.path.resolve()) if inside_run else adapter}` "
             f"(sha256 {digest[:16] if digest else 'n/a'})")
 

@@ -3,10 +3,12 @@
 `./run.sh chat` and `./run.sh export` both start here, so they load a run the same way it was trained: the adapter
 folder holds the LoRA weights, the tokenizer with the run's chat template, and (in adapter_config.json) the base model.
 """
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.data import file_sha256
 from common.errors import UserError
 from common.outputs import RunFolder
 
@@ -27,6 +29,11 @@ class TrainedRun:
         """The system prompt the run trained with, where it had one (a recipe field or a recipe constant)."""
         return (self.hyperparameters.get("system_prompt") or self.recipe_constants.get("system_prompt")
                 or self.manifest.get("system_prompt") or None)  # the manifest: runs from before recipe_constants
+
+    @functools.cached_property
+    def adapter_sha256(self) -> str | None:
+        """The adapter weights' hash, read once: an export's card names it, and an export is reused only for it."""
+        return file_sha256(str(self.adapter / "adapter_model.safetensors"))
 
     @property
     def max_seq_length(self) -> int:
