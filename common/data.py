@@ -6,8 +6,10 @@ leading assistant turn or trailing user turn trimmed); whatever cannot is droppe
 import csv
 import hashlib
 import json
+import os
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import UserError
@@ -24,26 +26,117 @@ FORMATS = {  # name: columns that identify it
 
 
 def read_rows(source: str, split: str = "train", hub_config: str | None = None) -> list[dict]:
-    """Rows of a local .json/.jsonl/.csv/.parquet file, or of a hub dataset's split."""
+    """Rows of a local .json/.jsonl/.csv/.parquet file, or of a hub dataset's split. Unreadable .jsonl lines are
+    left out; read_rows_and_bad_lines also says which."""
+    return read_rows_and_bad_lines(source, split, hub_config)[0]
+
+
+def read_rows_and_bad_lines(source: str, split: str = "train",
+                            hub_config: str | None = None) -> tuple[list[dict], list[int]]:
+    """(rows, numbers of the .jsonl lines left out because they are not a JSON object); a .jsonl file with more such
+    lines than good ones, or any other file that does not parse, is refused. Other sources have no bad lines."""
+    path = _local_path(source)
+    if path is None:
+        return _read_hub(source, split, hub_config), []
+    return _read_by_check.pop(_file_key(path), None) or _read_local(path)
+
+
+def check_data_source(source: str, split: str = "train", hub_config: str | None = None,
+                      expect: dict[str, tuple[str, ...]] | None = FORMATS) -> None:
+    """Fail in one line, before any model loads, on data the run would fail on later.
+
+    A local file must exist, have a supported suffix, parse (see read_rows_and_bad_lines), hold at least one record
+    and, unless expect is None, be in one of the formats of expect (name: the columns that identify it, as FORMATS);
+    a recipe that checks its own columns passes expect=None. The rows read are handed to the run's next read of the
+    same unchanged file, so it is parsed once. A hub id must name an existing dataset when the hub answers; offline
+    (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, or no connection) nothing is checked, since the dataset can be in the
+    local cache. split and hub_config are read_rows' own, so a recipe passes both the same arguments; a wrong split or
+    config is reported by datasets when it loads.
+    """
+    path = _local_path(source)
+    if path is None:
+        _check_hub_dataset(source)
+        return
+    rows, bad_lines = _read_local(path)
+    if not rows:
+        raise UserError(f"{source}: the file holds no records; check the export or the path given to --data")
+    if expect is not None:
+        detect_format(rows, source, expect)
+    _read_by_check[_file_key(path)] = rows, bad_lines
+
+
+# check_data_source's read of a local file, kept only until the next read of that file: a large export is parsed
+# once a run, and not held in memory through training
+_read_by_check: dict[tuple, tuple[list[dict], list[int]]] = {}
+
+
+def _file_key(path: Path) -> tuple:
+    stat = path.stat()
+    return path.resolve(), stat.st_size, stat.st_mtime_ns
+
+
+def _local_path(source: str) -> Path | None:
+    """The local file source names, or None for a hub dataset id; a missing or unsupported file is a UserError."""
     path = Path(source)
     if path.exists():
         if path.suffix not in LOCAL_SUFFIXES:
             raise UserError(f"{source}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
-        return _read_local(path)
+        return path
     if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
         raise UserError(f"{source}: data file not found; check the path given to --data")
-    return _read_hub(source, split, hub_config)
+    return None
 
 
-def _read_local(path: Path) -> list[dict]:
+def _check_hub_dataset(source: str) -> None:
+    if any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+           for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    try:
+        HfApi().dataset_info(source, timeout=10)
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError, yet the dataset exists
+        return
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UserError(f"dataset {source} not found on the hub (a private one needs `hf auth login`); check --data "
+                        f"or pass a local .jsonl/.json/.csv/.parquet file") from None
+    except Exception:  # no connection, a timeout, a hub outage: the dataset may be cached, and loading it will tell
+        return
+
+
+SHOWN_LINES = 5  # bad line numbers named in a report or an error; the rest are counted
+
+
+def _first_lines(numbers: Sequence[int]) -> str:
+    shown = ", ".join(str(number) for number in numbers[:SHOWN_LINES])
+    return f"line{'s' if len(numbers) > 1 else ''} {shown}{', ...' if len(numbers) > SHOWN_LINES else ''}"
+
+
+def _read_local(path: Path) -> tuple[list[dict], list[int]]:
+    bad_lines = []
     if path.suffix == ".jsonl":
         rows = []
         with path.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, 1):
-                if line.strip():
-                    rows.append(_parse_json(line, path, f"line {number}"))
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    bad_lines.append(number)
+        given = len(rows) + len(bad_lines)
+        # a few broken lines are a messy export, worth a count; mostly broken is the wrong file or not JSON Lines at
+        # all (a pretty-printed JSON array saved as .jsonl), where training on the leftovers would hide the mistake
+        if len(bad_lines) * 2 > given:
+            raise UserError(f"{path}: {len(bad_lines):,} of {given:,} lines are not a JSON object "
+                            f"({_first_lines(bad_lines)}); a .jsonl file holds one JSON object per line: re-export it "
+                            f"as JSON Lines, or if it is one JSON array, rename it to .json")
     elif path.suffix == ".json":
-        rows = _parse_json(path.read_text(encoding="utf-8"), path, None)
+        rows = _parse_json(path.read_text(encoding="utf-8"), path)
         if isinstance(rows, dict):  # {"data": [...]}-style wrappers: take the one list inside
             lists = [value for value in rows.values() if isinstance(value, list)]
             rows = lists[0] if len(lists) == 1 else rows
@@ -60,20 +153,18 @@ def _read_local(path: Path) -> list[dict]:
             raise UserError(f"{path}: not a readable parquet file ({error})") from None
     if rows and not all(isinstance(row, dict) for row in rows):
         raise UserError(f"{path}: every record must be an object with named fields")
-    return rows
+    return rows, bad_lines
 
 
-def _parse_json(text: str, path: Path, where: str | None):
+def _parse_json(text: str, path: Path):
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        if where is None:
-            where = f"line {error.lineno} column {error.colno} (byte {error.pos})"
-            truncated = text.rstrip()[-1:] not in ("]", "}")
-            hint = "the file looks truncated (it does not end with ] or }); re-export it" if truncated else "fix the JSON there"
-        else:
-            hint = "fix or remove that line"
-        raise UserError(f"{path}: {where}: invalid JSON ({error.msg}); {hint}") from None
+        truncated = text.rstrip()[-1:] not in ("]", "}")
+        hint = ("the file looks truncated (it does not end with ] or }); re-export it" if truncated
+                else "fix the JSON there")
+        raise UserError(f"{path}: line {error.lineno} column {error.colno} (byte {error.pos}): invalid JSON "
+                        f"({error.msg}); {hint}") from None
 
 
 def _read_hub(source: str, split: str, hub_config: str | None) -> list[dict]:
@@ -92,12 +183,12 @@ def file_sha256(source: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def detect_format(rows: list[dict], source: str) -> str:
+def detect_format(rows: list[dict], source: str, formats: dict[str, tuple[str, ...]] = FORMATS) -> str:
     columns = set().union(*(row.keys() for row in rows[:100])) if rows else set()
-    for name, needed in FORMATS.items():
+    for name, needed in formats.items():
         if all(column in columns for column in needed):
             return name
-    expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMATS.items())
+    expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in formats.items())
     raise UserError(f"{source}: no supported format; found columns {sorted(columns)}, expected one of ({expected})")
 
 
@@ -161,8 +252,20 @@ def to_conversations(rows: list[dict], source: str, system_prompt: str | None = 
     return conversations, dropped
 
 
+TOO_LONG_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
 def token_count(tokenizer, messages: list[dict]) -> int:
-    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    # transformers warns "Token indices sequence length is longer than the specified maximum ... will result in
+    # indexing errors" the first time a tokenizer encodes more than model_max_length tokens, and marks it given in
+    # tokenizer.deprecation_warnings (transformers 4.x to 5.x). Measuring is how too long conversations are found and
+    # left out, so the mark is set for the measurement alone: training on a sequence that long still warns.
+    given = tokenizer.deprecation_warnings.get(TOO_LONG_WARNING, False)
+    tokenizer.deprecation_warnings[TOO_LONG_WARNING] = True
+    try:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    finally:
+        tokenizer.deprecation_warnings[TOO_LONG_WARNING] = given
 
 
 def drop_too_long(conversations: list, tokenizer, max_seq_length: int, dropped: Counter) -> list:
@@ -218,8 +321,11 @@ def split_train_eval(items: list, eval_fraction: float, seed: int) -> tuple[list
     return items[:len(items) - n_eval], items[len(items) - n_eval:]
 
 
-def report(total: int, kept: int, dropped: Counter) -> str:
-    reasons = ", ".join(f"{reason} {count:,}" for reason, count in dropped.items() if count) or "none"
+def report(total: int, kept: int, dropped: Counter, bad_lines: Sequence[int] = ()) -> str:
+    """`kept 38 / 44; dropped: unreadable 2 (lines 14, 20), empty 2, ...`, bad_lines naming the unreadable ones."""
+    where = {"unreadable": f" ({_first_lines(bad_lines)})"} if bad_lines else {}
+    reasons = ", ".join(f"{reason} {count:,}{where.get(reason, '')}" for reason, count in dropped.items() if count)
+    reasons = reasons or "none"
     return f"kept {kept:,} / {total:,}; dropped: {reasons}"
 
 
@@ -230,30 +336,35 @@ def prepare_chat_data(source: str, tokenizer, max_seq_length: int, max_samples: 
     """
     if long_conversations not in ("drop", "split"):
         raise UserError(f"--long-conversations {long_conversations}: use drop or split")
-    rows = read_rows(source)
+    rows, bad_lines = read_rows_and_bad_lines(source)
     if max_samples and len(rows) > max_samples:
         rows = random.Random(seed).sample(rows, max_samples)
-    conversations, dropped = to_conversations(rows, source, system_prompt)
+    dropped = Counter({"unreadable": len(bad_lines)} if bad_lines else {})
+    conversations, reasons = to_conversations(rows, source, system_prompt)
+    dropped.update(reasons)
+    total = len(rows) + len(bad_lines)  # an unreadable line was a row the user gave
     split = Counter()
     if long_conversations == "drop":
         conversations = drop_too_long(conversations, tokenizer, max_seq_length, dropped)
         kept = len(conversations)
+        line = report(total, kept, dropped, bad_lines)
         if kept < 2:
-            raise UserError(f"{source}: too few conversations left after filtering "
-                            f"({report(len(rows), kept, dropped)}); raise --max-seq-length or check the data's format")
+            raise UserError(f"{source}: too few conversations left after filtering ({line}); "
+                            f"raise --max-seq-length or check the data's format")
         train, held_out = split_train_eval(conversations, eval_fraction, seed)
     else:
         train, held_out = split_train_eval(conversations, eval_fraction, seed)
         train, held_out = (split_too_long(part, tokenizer, max_seq_length, dropped, split) for part in (train, held_out))
         kept = len(conversations) - dropped["too long"]
+        line = report(total, kept, dropped, bad_lines)
         if not train or (eval_fraction > 0 and not held_out):
-            raise UserError(f"{source}: too few conversations left after splitting "
-                            f"({report(len(rows), kept, dropped)}); raise --max-seq-length or check the data's format")
-    line = report(len(rows), kept, dropped)
+            raise UserError(f"{source}: too few conversations left after splitting ({line}); "
+                            f"raise --max-seq-length or check the data's format")
     if long_conversations == "split":
         line += (f"; {kept:,} conversations as {len(train) + len(held_out):,} windows ({split['conversations']:,} "
                  f"split, {split['exchanges too long']:,} single exchanges longer than {max_seq_length} dropped)")
-    summary = {"source": source, "rows": len(rows), "kept": kept, "dropped": dict(dropped),
+    summary = {"source": source, "rows": total, "kept": kept, "dropped": dict(dropped),
+               "unreadable_lines": bad_lines[:100],  # enough to find them, not a manifest the size of the file
                "long_conversations": long_conversations, "split": dict(split),
                "train": len(train), "eval": len(held_out), "report": line}
     return train, held_out, summary

@@ -1,16 +1,18 @@
 """Loading and standardising the common dataset formats, with every drop reason counted and bad files named."""
 import csv
 import json
+import logging
 from collections import Counter
 
 import pytest
 
-from common.data import (clean_conversation, drop_too_long, prepare_chat_data, read_rows, report, split_train_eval,
-                         to_conversations)
+from common.data import (clean_conversation, drop_too_long, prepare_chat_data, read_rows, read_rows_and_bad_lines,
+                         report, split_train_eval, to_conversations)
 from common.errors import UserError
 from common.smoke import train_tokenizer
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+CONTENT_ONLY = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
 def msg(role, content):
@@ -76,11 +78,27 @@ def test_drop_counts_and_report_line():
 
 def test_length_filter_uses_chat_templated_token_count():
     tokenizer = train_tokenizer(["short words here"] * 50, "llama-3")
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.chat_template = CONTENT_ONLY
     short, long = [msg(USER, "hi"), msg(ASSISTANT, "yo")], [msg(USER, "word " * 300), msg(ASSISTANT, "yo")]
     dropped = Counter()
     assert drop_too_long([short, long], tokenizer, 64, dropped) == [short]
     assert dropped["too long"] == 1
+
+
+def test_measuring_a_too_long_conversation_does_not_warn_about_indexing_errors(caplog):
+    tokenizer = train_tokenizer(["short words here"] * 50, "llama-3")
+    tokenizer.chat_template = CONTENT_ONLY
+    tokenizer.model_max_length = 32
+    long = [msg(USER, "word " * 300), msg(ASSISTANT, "yo")]
+    transformers_logger = logging.getLogger("transformers")  # it does not propagate to the root logger caplog hears
+    transformers_logger.addHandler(caplog.handler)
+    try:
+        assert drop_too_long([long], tokenizer, 64, Counter()) == []
+        assert "Token indices sequence length is longer" not in caplog.text
+        tokenizer("word " * 300)  # outside the measurement the warning is still given, once
+        assert "Token indices sequence length is longer" in caplog.text
+    finally:
+        transformers_logger.removeHandler(caplog.handler)
 
 
 def test_split_is_seeded_and_sized():
@@ -105,11 +123,41 @@ def test_local_formats_load(tmp_path):
         assert read_rows(str(tmp_path / f"d.{suffix}")) == rows, suffix
 
 
+def test_unreadable_jsonl_lines_are_dropped_counted_and_named(tmp_path):
+    tokenizer = train_tokenizer(["q a words"] * 20, "llama-3")
+    tokenizer.chat_template = CONTENT_ONLY
+    good = [json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(5)]
+    data = tmp_path / "messy.jsonl"  # line 3 is cut short, line 5 blank, line 7 JSON but not an object
+    data.write_text("\n".join([good[0], good[1], '{"question": "q", "ans', good[2], "", good[3], '["q", "a"]',
+                               good[4]]) + "\n")
+    rows, bad_lines = read_rows_and_bad_lines(str(data))
+    assert rows == [json.loads(line) for line in good] and bad_lines == [3, 7]
+    assert read_rows(str(data)) == rows
+    train, held_out, summary = prepare_chat_data(str(data), tokenizer, 64, 0, 0.2, 0)
+    assert len(train) + len(held_out) == 5
+    assert (summary["rows"], summary["kept"], summary["unreadable_lines"]) == (7, 5, [3, 7])
+    assert summary["dropped"] == {"unreadable": 2, "too long": 0}
+    assert summary["report"] == "kept 5 / 7; dropped: unreadable 2 (lines 3, 7)"
+
+
+def test_report_names_the_first_unreadable_lines():
+    assert report(44, 38, Counter({"unreadable": 1, "empty": 2}), [14]) == \
+        "kept 38 / 44; dropped: unreadable 1 (line 14), empty 2"
+    assert report(44, 30, Counter({"unreadable": 7, "too long": 7}), [2, 3, 5, 8, 13, 21, 34]) == \
+        "kept 30 / 44; dropped: unreadable 7 (lines 2, 3, 5, 8, 13, ...), too long 7"
+
+
 def test_bad_files_are_named_with_the_line(tmp_path):
-    bad_line = tmp_path / "bad.jsonl"
-    bad_line.write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \n')
-    with pytest.raises(UserError, match=r"bad.jsonl: line 2: invalid JSON .*fix or remove that line"):
-        read_rows(str(bad_line))
+    not_json_lines = tmp_path / "pretty.jsonl"  # a JSON array, pretty-printed and saved as .jsonl
+    not_json_lines.write_text(json.dumps([{"question": "q", "answer": "a"}] * 2, indent=2))
+    with pytest.raises(UserError, match=r"pretty.jsonl: 10 of 10 lines are not a JSON object \(lines 1, 2, 3, 4, 5, "
+                                        r"\.\.\.\); a .jsonl file holds one JSON object per line: re-export it as JSON "
+                                        r"Lines, or if it is one JSON array, rename it to .json$"):
+        read_rows(str(not_json_lines))
+    mostly_broken = tmp_path / "bad.jsonl"
+    mostly_broken.write_text('{"question": "q", "answer": "a"}\n{"question": "q2", "answer": \nnull\n')
+    with pytest.raises(UserError, match=r"bad.jsonl: 2 of 3 lines are not a JSON object \(lines 2, 3\)"):
+        read_rows(str(mostly_broken))
     truncated = tmp_path / "cut.json"
     truncated.write_text('[{"question": "q", "answer": "a"}, {"question": "q2", "ans')
     with pytest.raises(UserError, match=r"cut.json: line 1 column \d+ \(byte \d+\): invalid JSON .*truncated"):
@@ -128,7 +176,7 @@ def test_unknown_columns_list_what_was_found_and_expected():
 
 def test_empty_after_filtering_names_the_filter(tmp_path):
     tokenizer = train_tokenizer(["some words"] * 20, "llama-3")
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.chat_template = CONTENT_ONLY
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"question": "word " * 200, "answer": "a"}) + "\n" for _ in range(3)))
     with pytest.raises(UserError, match=r"too few conversations left after filtering \(kept 0 / 3; dropped: too long 3\)"):
