@@ -1,6 +1,7 @@
 """A finished run folder, read back: which adapter, on which base, with which system prompt, and how to load it.
 
-`./run.sh chat` and `./run.sh export` both start here, so they load a run the same way it was trained: the adapter
+`./run.sh chat` and `./run.sh export` both start here, so they load a run the same way it was trained: run.json says
+what the run trained and with which system prompt (common/record.py; older folders are read there too), the adapter
 folder holds the LoRA weights, the tokenizer with the run's chat template, and (in adapter_config.json) the base model.
 """
 import functools
@@ -8,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import record
 from common.data import file_sha256
 from common.errors import UserError
 from common.outputs import RunFolder
@@ -16,19 +18,28 @@ from common.outputs import RunFolder
 @dataclass
 class TrainedRun:
     path: Path
-    recipe: str
     adapter: Path
-    base_model: str
+    record: record.RunRecord  # run.json (or its equivalent read from an older folder)
     hyperparameters: dict
     manifest: dict
-    recipe_constants: dict  # what a recipe fixes outside its hyperparameters, saved at the start (a system prompt)
-    smoke: bool  # trained on a tiny random model: outputs are for checking the pipeline, not for use
+
+    @property
+    def recipe(self) -> str:
+        return self.record.recipe
+
+    @property
+    def smoke(self) -> bool:
+        """Trained on a tiny random model: outputs are for checking the pipeline, not for use."""
+        return self.record.smoke
 
     @property
     def system_prompt(self) -> str | None:
-        """The system prompt the run trained with, where it had one (a recipe field or a recipe constant)."""
-        return (self.hyperparameters.get("system_prompt") or self.recipe_constants.get("system_prompt")
-                or self.manifest.get("system_prompt") or None)  # the manifest: runs from before recipe_constants
+        return self.record.system_prompt
+
+    @property
+    def base_model(self) -> str:
+        """What the adapter was trained on, as its adapter_config.json names it (a checkpoint's too)."""
+        return json.loads((self.adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
 
     @functools.cached_property
     def adapter_sha256(self) -> str | None:
@@ -41,12 +52,10 @@ class TrainedRun:
 
     @property
     def load_in_4bit(self) -> bool:
-        """Whether the adapter was trained on a 4-bit base. Where a run trains both ways (GPT-2's study) its manifest
-        lists each adapter with the quantization it trained on; elsewhere the hyperparameters say."""
-        for trained in self.manifest.get("runs", []):
-            if "adapter" in trained and (self.path / trained["adapter"]).resolve() == self.adapter.resolve():
-                return trained.get("quantization") is not None
-        return bool(self.manifest.get("load_in_4bit", self.hyperparameters.get("load_in_4bit", True)))
+        """Whether the adapter was trained on a 4-bit base: as the record lists it (a run may train both ways, as
+        GPT-2's study does), else, for a checkpoint, as the run does."""
+        listed = self.record.adapter_at(self.path, self.adapter)
+        return listed.load_in_4bit if listed else self.record.load_in_4bit
 
 
 def open_run(run_dir: str, adapter: str | None = None) -> TrainedRun:
@@ -65,12 +74,10 @@ def open_run(run_dir: str, adapter: str | None = None) -> TrainedRun:
         newest = RunFolder(path).last_checkpoint()
         hint = f"; or try a checkpoint with --adapter {newest}" if newest else ""
         raise UserError(f"{run_dir}: no adapter/ yet ({why}){hint}")
-    base_model = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base_model:
+    if not json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path"):
         raise UserError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; the adapter cannot be loaded")
-    return TrainedRun(path=path, recipe=manifest.get("recipe", path.parent.name), adapter=adapter_dir,
-                      base_model=base_model, hyperparameters=config.get("hyperparameters", {}), manifest=manifest,
-                      recipe_constants=config.get("recipe_constants", {}), smoke=bool(config.get("run", {}).get("smoke")))
+    return TrainedRun(path=path, adapter=adapter_dir, record=record.read(path),
+                      hyperparameters=config.get("hyperparameters", {}), manifest=manifest)
 
 
 def load_trained(run: TrainedRun, precision: str, load_in_4bit: bool | None = None):

@@ -12,6 +12,7 @@ TURN_MARKERS = {
     "llama-3.1": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
     "zephyr": ("<|user|>\n", "<|assistant|>\n"),
     "chatml": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+    "alpaca": ("### Instruction:\n", "### Response:\n"),
 }
 # Tokens that end an assistant turn; generation stops at the first of them.
 END_OF_TURN = ("<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>", "<|im_end|>")

@@ -55,17 +55,30 @@ def refuse(recipe: str, reason: str):
         raise UserError(f"{recipe} runs in one process ({reason}); start it without --gpus / torchrun")
 
 
-def accumulation_per_rank(gradient_accumulation_steps: int, scale_batch: bool) -> int:
+def accumulation_per_rank(gradient_accumulation_steps: int, scale_batch: bool, smoke: bool = False) -> int:
     """The card's effective batch (rows a pass x accumulation) kept across N ranks: each rank accumulates 1/N of the
-    steps. With --scale-batch each rank keeps the card's accumulation and the effective batch grows N times."""
+    steps. With --scale-batch each rank keeps the card's accumulation and the effective batch grows N times; so does a
+    --smoke run whose accumulation does not divide (it checks the wiring, not the card's batch)."""
     ranks = world_size()
     if scale_batch or ranks == 1:
         return gradient_accumulation_steps
     if gradient_accumulation_steps % ranks:
+        if smoke:
+            print(f"smoke: accumulation {gradient_accumulation_steps} does not divide over {ranks} processes; each "
+                  f"keeps it (effective batch x{ranks})")
+            return gradient_accumulation_steps
         raise UserError(f"--gradient-accumulation-steps {gradient_accumulation_steps} does not divide over {ranks} "
                         f"GPUs, so the card's effective batch cannot be kept; pass a multiple of {ranks}, "
                         f"or --scale-batch to keep each GPU's accumulation")
     return gradient_accumulation_steps // ranks
+
+
+def processes_line() -> str:
+    """'1 process', '2 GPUs' or, without a GPU, '2 CPU processes': what the run is spread over."""
+    ranks = world_size()
+    if ranks == 1:
+        return "1 process"
+    return f"{ranks} GPUs" if torch.cuda.is_available() else f"{ranks} CPU processes"
 
 
 def batch_layout(per_device_train_batch_size: int, gradient_accumulation_steps: int) -> dict:

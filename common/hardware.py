@@ -1,4 +1,5 @@
-"""GPU detection, precision choice and memory readings: the same rule run.sh applies with nvidia-smi."""
+"""GPU detection, precision choice and memory readings. The one precision rule: `python -m common.hardware` prints what
+it decides (./run.sh --detect)."""
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,21 @@ from common.errors import UserError
 class Hardware:
     gpu_name: str | None  # None without a CUDA GPU
     capability: str | None  # "8.0" for an A100, "7.5" for a T4
-    precision: str  # bf16, fp16 or fp32
+    precision: str  # what the trainer is asked for: bf16, fp16 or fp32 (on CPU Unsloth may compute in bf16 anyway)
+
+    def describe(self) -> str:
+        if self.gpu_name:
+            return f"gpu={self.gpu_name}, precision={self.precision}"
+        return f"no GPU, precision={cpu_precision()} (Unsloth's CPU backend decides)"
+
+
+def cpu_precision() -> str:
+    """What Unsloth's CPU backend computes in: bf16 on a CPU with bf16 hardware, else fp32."""
+    try:
+        from unsloth_zoo.cpu.runtime import cpu_bf16_supported
+    except ImportError:
+        return "fp32"
+    return "bf16" if cpu_bf16_supported() else "fp32"
 
 
 def precision_for(capability: str | None) -> str:
@@ -31,6 +46,8 @@ def detect(requested: str = "auto") -> Hardware:
     detected = precision_for(capability)
     if requested in ("auto", "", None):
         return Hardware(gpu_name, capability, detected)
+    if gpu_name is None and requested == cpu_precision():
+        return Hardware(gpu_name, capability, detected)  # what the CPU backend computes in anyway
     if requested == "bf16" and detected != "bf16":
         raise UserError(f"--precision bf16 needs a GPU of compute capability 8.0 or newer; "
                         f"{gpu_name or 'this machine (no GPU)'} has {capability or 'none'}: use --precision {detected}")
@@ -73,3 +90,9 @@ def training_precision_flags(precision: str) -> dict:
     """SFTConfig's bf16/fp16 switches for a precision; fp32 sets neither."""
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
+
+
+if __name__ == "__main__":
+    found = detect()
+    print(f"gpu={(found.gpu_name or 'none').replace(' ', '-')} capability={found.capability or '-'} "
+          f"precision={found.precision if found.gpu_name else cpu_precision()}")

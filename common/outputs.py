@@ -1,7 +1,10 @@
 """The run folder: outputs/<recipe>/<UTC timestamp>/, never overwritten, marked FAILED when a run does not finish.
 
-config.json      resolved hyperparameters and run options
-manifest.json    versions, GPU, precision, seed, data source and SHA-256, git commit, optimiser that ran
+config.json      the recipe, resolved hyperparameters and run options (--resume reads them back)
+run.json         what chat and export load: base model, 4-bit or not, chat template, system prompt, adapters, figures
+                 (common/record.py)
+manifest.json    the command typed, versions, GPU, precision and optimiser that ran, the model trained, seed, data
+                 source and SHA-256, git commit, how a step was batched
 metrics.jsonl    one line per log: loss, eval loss, learning rate, step time, tokens/s, peak memory
 checkpoints/     trainer checkpoints, for --resume
 adapter/         the trained LoRA adapter and tokenizer (written last, atomically)
@@ -33,8 +36,9 @@ class RunFolder:
     """Under torchrun every rank holds the folder (checkpoints are written by all of them: each its own RNG state) but
     only rank 0 writes the run's files."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, created: bool = False):
         self.path = path
+        self.created = created  # by this run: a mistake found before training leaves no folder behind
         self.checkpoints = path / "checkpoints"
         self.metrics = path / "metrics.jsonl"
         self.adapter = path / "adapter"
@@ -43,7 +47,7 @@ class RunFolder:
     @classmethod
     def create(cls, recipe: str, root: str = "outputs") -> "RunFolder":
         path = cls._new_path(recipe, root) if distributed.is_main() else None
-        return cls(Path(distributed.from_main(str(path))))
+        return cls(Path(distributed.from_main(str(path))), created=True)
 
     @staticmethod
     def _new_path(recipe: str, root: str) -> Path:
@@ -109,11 +113,9 @@ class RunFolder:
             return
         (self.path / name).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
-    def write_config(self, cfg, run, **recipe_constants):
-        """config.json; `recipe_constants` are what the recipe fixes outside its dataclass that chat and export need
-        from the first checkpoint on (tinyllama_sentiment's system prompt)."""
-        self.write_json("config.json", {"hyperparameters": dataclasses.asdict(cfg), "run": dataclasses.asdict(run),
-                                        "recipe_constants": recipe_constants, "world_size": distributed.world_size()})
+    def write_config(self, cfg, run, recipe: str):
+        self.write_json("config.json", {"recipe": recipe, "hyperparameters": dataclasses.asdict(cfg),
+                                        "run": dataclasses.asdict(run), "world_size": distributed.world_size()})
 
     def save_adapter(self, model, tokenizer):
         if not distributed.is_main():
@@ -149,6 +151,10 @@ class RunFolder:
 
     def __exit__(self, kind, error, traceback):
         if error is None or isinstance(error, SystemExit):
+            return False
+        if isinstance(error, UserError) and self.created and not self.checkpoint_folders():
+            if distributed.is_main():  # the user's input was wrong: nothing ran that a folder should keep
+                shutil.rmtree(self.path, ignore_errors=True)
             return False
         if isinstance(error, KeyboardInterrupt):
             reason = f"interrupted; continue with --resume {self.path}"
@@ -207,13 +213,13 @@ def optimizer_that_ran(trainer) -> str:
     return f"{type(optimizer).__module__}.{type(optimizer).__name__} (optim={requested})"
 
 
-def manifest(recipe: str, hardware, seed: int, data: dict, precision: str, **extra) -> dict:
+def manifest(recipe: str, hardware, seed: int, data: dict, precision: str, command: str | None = None, **extra) -> dict:
     """What reproduces and describes the run; `precision` is what the model computed in (common.hardware.precision_of),
     which on CPU can differ from what was asked."""
     from common.data import file_sha256
     return {
         "recipe": recipe,
-        "command": " ".join(sys.argv),
+        "command": command or " ".join(sys.argv),
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "gpu": hardware.gpu_name,

@@ -1,6 +1,5 @@
 """What a run shows beside its numbers: loss.png, the loggers TRL reports to, and the closing summary in the terminal."""
 import importlib.util
-import os
 from pathlib import Path
 
 from common.errors import UserError
@@ -8,18 +7,15 @@ from common.errors import UserError
 LOGGERS = ("tensorboard", "wandb", "trackio")  # each is also the package TRL needs for it
 
 
-def loggers(report_to: str, tensorboard_dir: Path) -> list[str]:
+def loggers(report_to: str) -> list[str]:
     """SFTConfig's report_to for --report-to (none, tensorboard, wandb, trackio; comma-separated), each checked to be
-    installed. TensorBoard's event files go to `tensorboard_dir` inside the run folder (transformers 5 reads the
-    folder from TENSORBOARD_LOGGING_DIR)."""
+    installed."""
     names = [name.strip() for name in report_to.split(",") if name.strip() and name.strip() != "none"]
     for name in names:
         if name not in LOGGERS:
             raise UserError(f"--report-to {report_to}: use none or some of {', '.join(LOGGERS)}")
         if importlib.util.find_spec(name) is None:
             raise UserError(f"--report-to {name}: the {name} package is not installed; pip install {name}")
-    if "tensorboard" in names:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir)
     return names or ["none"]
 
 
@@ -50,14 +46,25 @@ def plot_losses(curves: dict[str, list[dict]], path: Path):
     plt.close(figure)
 
 
+def number(value, unit: str = "", digits: int = 2) -> str:
+    """A figure for results.md and the terminal; n/a where it was not measured (GPU memory on CPU)."""
+    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def throughput_line(throughput: dict) -> str:
+    """results.md's line on what training cost (MetricsRecorder.summary())."""
+    return (f"- median step time {number(throughput['median_step_time_s'], ' s')}, "
+            f"{number(throughput['tokens_per_s'], ' tokens/s', 0)}, peak GPU memory "
+            f"{number(throughput['peak_gpu_memory_gib'], ' GiB')}{per_gpu(throughput)}")
+
+
 def print_summary(recipe: str, folder: Path, throughput: dict, records: list[dict]):
     """The end of a run in a few lines: what it cost (MetricsRecorder.summary()), the lowest eval loss in its metrics
     records, and what to type next."""
     from rich.console import Console
     from rich.table import Table
 
-    def number(value, unit="", digits=2):
-        return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
+    from common.distributed import processes_line
 
     table = Table(title=f"{recipe} finished", show_header=False, title_justify="left")
     table.add_row("training time", number(throughput.get("train_seconds"), " s", 1))
@@ -65,8 +72,8 @@ def print_summary(recipe: str, folder: Path, throughput: dict, records: list[dic
     table.add_row("tokens/s", number(throughput.get("tokens_per_s"), "", 0))
     table.add_row("peak GPU memory", number(throughput.get("peak_gpu_memory_gib"), " GiB"))
     if throughput.get("world_size"):
-        table.add_row("GPUs", str(throughput["world_size"]))
-        table.add_row("tokens/s a GPU", number(throughput["tokens_per_s_per_gpu"], "", 0))
+        table.add_row("spread over", processes_line())
+        table.add_row("tokens/s a process", number(throughput["tokens_per_s_per_gpu"], "", 0))
         table.add_row("peak a GPU", " / ".join(number(peak, " GiB") for peak in throughput["peak_gpu_memory_gib_per_gpu"]))
     best_eval_loss = min((r["eval_loss"] for r in records if "eval_loss" in r), default=None)
     if best_eval_loss is not None:
@@ -85,5 +92,6 @@ def per_gpu(throughput: dict) -> str:
         return ""
     peaks = " / ".join("n/a" if peak is None else f"{peak:.2f}" for peak in throughput["peak_gpu_memory_gib_per_gpu"])
     per_second = throughput["tokens_per_s_per_gpu"]
-    return (f"; on {throughput['world_size']} GPUs together, "
-            f"{'n/a' if per_second is None else f'{per_second:,.0f}'} tokens/s a GPU, peak GiB by GPU {peaks}")
+    from common.distributed import processes_line
+    return (f"; on {processes_line()} together, "
+            f"{'n/a' if per_second is None else f'{per_second:,.0f}'} tokens/s a process, peak GiB by GPU {peaks}")

@@ -24,16 +24,15 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
-from common import distributed
+from common import record
 from common.callbacks import MetricsRecorder
-from common.config import parse
 from common.data import read_rows
 from common.errors import UserError, run_main
-from common.hardware import detect, precision_of, peak_memory_gib, reset_peak_memory, training_precision_flags
+from common.hardware import precision_of, peak_memory_gib, reset_peak_memory
 from common.model import load_model, quantization_in_use
-from common.outputs import RunFolder, manifest, optimizer_that_ran
-from common.report import loggers, print_summary
-from common.smoke import tiny_model
+from common.outputs import optimizer_that_ran
+from common.report import number
+from common.session import base_model, start, trained_model, trainer_arguments
 
 matplotlib.use("Agg")  # PNGs only: no display on a training box
 import matplotlib.pyplot as plt  # noqa: E402
@@ -84,21 +83,15 @@ SMOKE = dict(data=str(SAMPLE_DATA), ranks=(2, 4), max_steps=4, eval_prompts=4, m
 
 
 def main(argv=None):
-    cfg, run = parse(Config, argv, smoke=SMOKE)
-    check_options(cfg, run)
-    hardware = detect(run.precision)
-    set_seed(cfg.seed)
-    folder = RunFolder.create(RECIPE, run.output_dir)
-    with folder:
-        folder.write_config(cfg, run)
-        print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
-
+    session = start(RECIPE, Config, argv, SMOKE, chat_data=False, options=check_options,
+                    one_process="its study trains several runs one after another and compares their weights")
+    cfg = session.cfg
+    with session.folder:
         # 1. Data: Alpaca rows in the card's prompt format as TRL prompt/completion pairs, so the loss (and every
         #    comparison below) is about the response; the held-out prompts are never trained on.
         train_rows, held_out, data = alpaca_rows(cfg.data, cfg.max_samples, cfg.eval_prompts, cfg.seed)
         print(f"data: {data['report']}; train {data['train']:,}, held-out prompts {data['held_out']}")
-        if run.smoke:
-            cfg.model_name = tiny_model("gpt2", train_rows + held_out, folder=folder.smoke_base)
+        model_name = base_model(session, "gpt2", lambda: train_rows + held_out)
         train_dataset = Dataset.from_list([{"prompt": alpaca_prompt(row), "completion": row["output"]}
                                            for row in train_rows])
         prompts = [alpaca_prompt(r) for r in held_out]
@@ -106,63 +99,80 @@ def main(argv=None):
         # 2. The study: every rank on both bases, one model in memory at a time, same seed, data order and steps.
         #    Then, as the yardstick for the cosines, QLoRA once more at the largest rank with another seed.
         runs, probes, curves = [], {}, {}
-        (folder.path / "metrics").mkdir()
+        (session.folder.path / "metrics").mkdir()
         sides = [cfg.only] if cfg.only else list(SIDES)
         plan = [(side, rank, cfg.seed) for rank in cfg.ranks for side in sides]
         plan += [("qlora", max(cfg.ranks), cfg.seed + 1)] if "qlora" in sides else []
         for side, rank, seed in plan:
-            name = f"{side}-r{rank}" + ("" if seed == cfg.seed else f"-seed{seed}")
-            before = free_gpu_memory()
-            set_seed(seed)
-            # Load the base through Unsloth: 4-bit for QLoRA, 16-bit for the baseline; then LoRA on c_attn.
-            model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision,
-                                          load_in_4bit=side == "qlora", use_gradient_checkpointing=False)
-            tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
-            model = add_lora(model, side, rank, cfg, seed)
-            # Train, reading the peak before generation can raise it.
-            recorder = MetricsRecorder(folder.path / "metrics" / f"{name}.jsonl")
-            trainer = make_trainer(model, tokenizer, train_dataset, cfg, seed, hardware, folder, recorder,
-                                   loggers(run.report_to, folder.path / "tensorboard" / name))
-            reset_peak_memory()
-            trainer.train()
-            peak = peak_memory_gib()
-            # Probe the held-out prompts, keep the adapter, and let the model go before the next run.
-            probes[side, rank, seed] = probe(model, tokenizer, prompts, cfg.max_new_tokens)
-            adapter = folder.path / "adapters" / name
-            model.save_pretrained(adapter)
-            tokenizer.save_pretrained(adapter)
-            summary = summarize_run(side, rank, seed, cfg, model, trainer, recorder, peak, before, adapter, folder)
-            summary["cosine_to_base"] = mean_pooled_cosine(probes[side, rank, seed][1], probes[side, rank, seed][2])
+            summary, probes[side, rank, seed], records = train_and_probe(session, model_name, side, rank, seed,
+                                                                         train_dataset, prompts)
             if seed == cfg.seed:
                 runs.append(summary)
-                curves[f"{side} r{rank}"] = recorder.records
-            del model, trainer, recorder
+                curves[f"{side} r{rank}"] = records
         seed_reference = seed_to_seed(probes, cfg) if "qlora" in sides else None
 
         # 3. Compare the sides rank by rank, answer the card, plot, and write results.md last.
         comparisons = [compare(rank, runs, probes, cfg) for rank in cfg.ranks] if len(sides) == 2 else []
         card = card_answers(cfg, runs, comparisons)
-        plot_vs_rank(folder.path / "memory_vs_rank.png", cfg.ranks, "Peak GPU memory while training", "GiB",
+        plot_vs_rank(session.folder.path / "memory_vs_rank.png", cfg.ranks, "Peak GPU memory while training", "GiB",
                      {side: [r["peak_gpu_memory_gib"] for r in runs if r["side"] == side] for side in sides},
                      empty="no GPU: peak memory is only measured on CUDA")
-        plot_vs_rank(folder.path / "cosine_vs_rank.png", cfg.ranks, "QLoRA against 16-bit LoRA, held-out prompts",
-                     "similarity", {"mean-pooled cosine": [c["mean_pooled_cosine"] for c in comparisons],
-                                    "token match rate": [c["token_match_rate"] for c in comparisons]},
+        plot_vs_rank(session.folder.path / "cosine_vs_rank.png", cfg.ranks, "QLoRA against 16-bit LoRA, held-out "
+                     "prompts", "similarity", {"mean-pooled cosine": [c["mean_pooled_cosine"] for c in comparisons],
+                                               "token match rate": [c["token_match_rate"] for c in comparisons]},
                      empty="one side only (--only): nothing to compare", threshold=cfg.cosine_threshold)
         # The adapter that chat and export use: the card's side (QLoRA, unless --only lora) at the optimal rank.
         kept = next(r for r in runs if r["side"] == sides[0] and r["rank"] == (card["optimal_rank"] or cfg.ranks[-1]))
-        shutil.copytree(folder.path / kept["adapter"], folder.adapter)
-        folder.write_json("study.json", {"card": card, "ranks": comparisons, "runs": runs,
-                                         "seed_reference": seed_reference})
-        folder.write_json("manifest.json", manifest(RECIPE, hardware, cfg.seed, data, kept["precision"],
-                                                    optimizer=runs[-1]["optimizer"], runs=runs, card=card,
-                                                    seed_reference=seed_reference, adapter_kept=kept["adapter"],
-                                                    load_in_4bit=kept["side"] == "qlora"))
-        folder.write_results(results_markdown(cfg, hardware, data, runs, comparisons, card, seed_reference),
-                             loss_curves=curves)
+        shutil.copytree(session.folder.path / kept["adapter"], session.folder.adapter)
+        session.folder.write_json("study.json", {"card": card, "ranks": comparisons, "runs": runs,
+                                                 "seed_reference": seed_reference})
+        session.record.load_in_4bit = kept["side"] == "qlora"
+        session.record.adapters = [record.Adapter("adapter", session.record.base_model, kept["side"] == "qlora")] + [
+            record.Adapter(r["adapter"], session.record.base_model, r["side"] == "qlora") for r in runs]
         print(results_table(cfg, runs, comparisons))
-        print(f"done: optimal rank {card['optimal_rank']}; results in {folder.path}")
-        print_summary(RECIPE, folder.path, kept, curves[f"{kept['side']} r{kept['rank']}"])
+        print(f"done: optimal rank {card['optimal_rank']}; results in {session.folder.path}")
+        session.finish(None, None, None, data, results_markdown(cfg, session, data, runs, comparisons, card,
+                                                                seed_reference),
+                       loss_curves=curves, save_adapter=False, precision=kept["precision"],
+                       throughput={key: kept[key] for key in ("train_seconds", "tokens_trained", "median_step_time_s",
+                                                              "tokens_per_s", "peak_gpu_memory_gib")},
+                       optimizer=runs[-1]["optimizer"], runs=runs, card=card, seed_reference=seed_reference,
+                       adapter_kept=kept["adapter"], load_in_4bit=kept["side"] == "qlora")
+
+
+def train_and_probe(session, model_name, side, rank, seed, train_dataset, prompts):
+    """One run of the study: load the base through Unsloth (4-bit for QLoRA, 16-bit for the baseline), LoRA on
+    c_attn, train, read the peak before generation can raise it, probe the held-out prompts, keep the adapter, and
+    let the model go before the next run. Returns (summary, probe, metrics records)."""
+    cfg, folder = session.cfg, session.folder
+    name = f"{side}-r{rank}" + ("" if seed == cfg.seed else f"-seed{seed}")
+    before = free_gpu_memory()
+    set_seed(seed)
+    model, tokenizer = load_model(model_name, cfg.max_seq_length, session.hardware.precision,
+                                  load_in_4bit=side == "qlora", target_modules=cfg.target_modules,
+                                  use_gradient_checkpointing=False)
+    tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
+    model = add_lora(model, side, rank, cfg, seed)
+    recorder = MetricsRecorder(folder.path / "metrics" / f"{name}.jsonl")
+    session.log_to(name)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset, callbacks=[recorder],
+                         args=trainer_arguments(
+                             session, SFTConfig, seed=seed,
+                             completion_only_loss=True,  # loss on the response, as the card's prompt format intends
+                             gradient_checkpointing=False,  # TRL's default is on: off on both sides, memory comparable
+                             padding_free=False,  # padded batches on both sides: Unsloth would otherwise choose per model
+                             save_strategy="no"))  # the adapter is saved after training; no run here needs a checkpoint
+    recorder.count_tokens_of(trainer)
+    reset_peak_memory()
+    trainer.train()
+    peak = peak_memory_gib()
+    probed = probe(model, tokenizer, prompts, cfg.max_new_tokens)
+    adapter = folder.path / "adapters" / name
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    summary = summarize_run(side, rank, seed, cfg, model, trainer, recorder, peak, before, adapter, folder)
+    summary["cosine_to_base"] = mean_pooled_cosine(probed[1], probed[2])
+    return summary, probed, recorder.records
 
 
 def check_options(cfg, run):
@@ -173,7 +183,6 @@ def check_options(cfg, run):
     if cfg.pad_to_multiple_of < 1:
         raise UserError(f"--pad-to-multiple-of {cfg.pad_to_multiple_of}: use 1 (pad each batch to its longest row) "
                         "or more, e.g. 64")
-    distributed.refuse(RECIPE, "its study trains several runs one after another and compares their weights")
     if run.resume or run.stop_after_step:
         raise UserError("--resume and --stop-after-step are not supported by this study: its runs are short (200 "
                         "steps) and compared as whole runs; start it again")
@@ -221,37 +230,6 @@ def add_lora(model, side: str, rank: int, cfg, seed: int):
     return get_peft_model(model, LoraConfig(
         r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
         target_modules=list(cfg.target_modules), fan_in_fan_out=True, task_type="CAUSAL_LM"))
-
-
-def make_trainer(model, tokenizer, dataset, cfg, seed, hardware, folder, recorder, report_to) -> SFTTrainer:
-    trainer = SFTTrainer(
-        model=model,
-        processing_class=tokenizer,
-        train_dataset=dataset,
-        callbacks=[recorder],
-        args=SFTConfig(
-            output_dir=str(folder.checkpoints),
-            max_length=cfg.max_seq_length,
-            completion_only_loss=True,  # loss on the response, as the card's prompt format intends
-            per_device_train_batch_size=cfg.per_device_train_batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler_type,
-            max_steps=cfg.max_steps,
-            optim=cfg.optim,
-            gradient_checkpointing=False,  # TRL turns it on by default; off on both sides, so memory is comparable
-            padding_free=False,  # padded batches on both sides: Unsloth would otherwise choose per model
-            pad_to_multiple_of=cfg.pad_to_multiple_of,
-            logging_steps=1,
-            save_strategy="no",  # the adapter is saved after training; no run here needs a checkpoint
-            seed=seed,
-            data_seed=cfg.seed,  # the same rows in the same order for every run, the reseeded one included
-            report_to=report_to,
-            **training_precision_flags(hardware.precision),
-        ),
-    )
-    recorder.count_tokens_of(trainer)
-    return trainer
 
 
 @torch.no_grad()
@@ -346,7 +324,8 @@ def summarize_run(side, rank, seed, cfg, model, trainer, recorder, peak, before,
         "precision": precision_of(model),
         "optimizer": optimizer_that_ran(trainer), "adapter": str(adapter.relative_to(folder.path))}
     print(f"{side} r{rank} (seed {seed}): final loss {summary['final_loss']:.4f}, median step "
-          f"{fmt(summary['median_step_time_s'], ' s', 3)}, peak GPU memory {fmt(summary['peak_gpu_memory_gib'], ' GiB')}")
+          f"{number(summary['median_step_time_s'], ' s', 3)}, peak GPU memory "
+          f"{number(summary['peak_gpu_memory_gib'], ' GiB')}")
     return summary
 
 
@@ -395,21 +374,21 @@ def results_table(cfg, runs: list[dict], comparisons: list[dict]) -> str:
     for rank in cfg.ranks:
         both = [by.get((side, rank), {}) for side in SIDES]
         c = compared.get(rank, {})
-        pairs = [" / ".join(fmt(r.get(key), "", digits) for r in both)
+        pairs = [" / ".join(number(r.get(key), "", digits) for r in both)
                  for key, digits in (("peak_gpu_memory_gib", 2), ("median_step_time_s", 3), ("final_loss", 4))]
         clears = {True: "yes", False: "no"}.get(c.get("clears_threshold"), "n/a")
-        lines.append(f"| {rank} | {pairs[0]} | {fmt(c.get('memory_reduction_pct'), '%', 1)} | {pairs[1]} | {pairs[2]} "
-                     f"| {fmt(c.get('token_match_rate'), '', 3)} | {fmt(c.get('mean_pooled_cosine'), '', 4)} | {clears} |")
+        lines.append(f"| {rank} | {pairs[0]} | {number(c.get('memory_reduction_pct'), '%', 1)} | {pairs[1]} | {pairs[2]} "
+                     f"| {number(c.get('token_match_rate'), '', 3)} | {number(c.get('mean_pooled_cosine'), '', 4)} | {clears} |")
     return "\n".join(lines)
 
 
-def results_markdown(cfg, hardware, data, runs: list[dict], comparisons: list[dict], card: dict,
+def results_markdown(cfg, session, data, runs: list[dict], comparisons: list[dict], card: dict,
                      seed_reference: dict | None) -> str:
     memory, cosine, ranks = card["memory_reduction_pct"], card["cosine"], ", ".join(map(str, cfg.ranks))
     if memory:
         memory_answer = f"{memory[0]:.1f}% to {memory[1]:.1f}% less peak GPU memory over ranks {ranks}"
     else:
-        memory_answer = "n/a: " + ("no GPU, and peak GPU memory is only measured on CUDA" if hardware.gpu_name is None
+        memory_answer = "n/a: " + ("no GPU, and peak GPU memory is only measured on CUDA" if session.hardware.gpu_name is None
                                    else "needs both sides (--only ran one)")
     if cosine:
         cleared = card["ranks_clearing_threshold"]
@@ -434,7 +413,7 @@ def results_markdown(cfg, hardware, data, runs: list[dict], comparisons: list[di
                          "this says quantization moves the model no more than the seed does.")
     return "\n".join([
         f"# {RECIPE}: when does 4-bit quantization preserve quality?", "",
-        f"- model: {cfg.model_name}; {hardware.gpu_name or 'CPU'}, {hardware.precision}; LoRA on "
+        f"- model: {trained_model(session)}; {session.hardware.gpu_name or 'CPU'}, {runs[0]['precision']}; LoRA on "
         f"{', '.join(cfg.target_modules)}, alpha {cfg.lora_alpha}, dropout {cfg.lora_dropout}",
         f"- data: {data['source']} - {data['report']}; train {data['train']:,}, held-out prompts {data['held_out']}",
         f"- every run: seed {cfg.seed}, {cfg.max_steps} steps at batch {cfg.per_device_train_batch_size}, {cfg.optim}, "
@@ -456,10 +435,6 @@ def results_markdown(cfg, hardware, data, runs: list[dict], comparisons: list[di
         "averaged over prompts", "", *yardstick, "",
         "![peak GPU memory vs rank](memory_vs_rank.png)", "", "![cosine and token match vs rank](cosine_vs_rank.png)",
     ])
-
-
-def fmt(value, unit: str = "", digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
 
 
 if __name__ == "__main__":

@@ -18,34 +18,25 @@ import torch
 from matplotlib.figure import Figure
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
-from unsloth import FastLanguageModel, get_chat_template, train_on_responses_only
+from unsloth import FastLanguageModel
 
 from common import distributed
-from common.batching import check_token_budget, pass_budget, settle_batching, token_budget_batches
-from common.callbacks import MetricsRecorder, StopOnRequest
-from common.chat import TURN_MARKERS, conversation_dataset, generate_reply
-from common.config import parse
+from common.chat import conversation_dataset, mask_to_assistant_turns, set_chat_template
 from common.data import prepare_chat_data, read_rows
 from common.errors import UserError, run_main
-from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model
-from common.outputs import RunFolder, manifest, optimizer_that_ran
-from common.report import loggers, per_gpu, print_summary
-from common.smoke import tiny_model
+from common.outputs import RunFolder
+from common.report import number, throughput_line
+from common.session import answer_prompts, base_model, start, trainer_arguments
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "finetome_sample.jsonl"
 
 # The card: the base model for one fixed prompt format (single-task tuning), the instruct model for multi-purpose use.
-# variant: (Unsloth's pre-quantized checkpoint, Unsloth chat template, user-turn marker, reply marker for the loss mask)
+# variant: (Unsloth's pre-quantized checkpoint, chat template)
 VARIANTS = {
-    "instruct": ("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", "llama-3.1", *TURN_MARKERS["llama-3.1"]),
-    "base": ("unsloth/Meta-Llama-3.1-8B-bnb-4bit", "alpaca", "### Instruction:\n", "### Response:\n"),
-}
-TARGETS = {  # --targets: the card's attention projections, the MLP, or every linear layer of a decoder block
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "instruct": ("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", "llama-3.1"),
+    "base": ("unsloth/Meta-Llama-3.1-8B-bnb-4bit", "alpaca"),
 }
 # Llama-3.1-8B's published config.json, the fields --estimate-memory reads: used when the hub cannot be reached.
 LLAMA31_8B_CONFIG = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -55,7 +46,6 @@ BYTES_PER_PARAMETER = {"fp32": 4, "bf16": 2, "8-bit": 1, "4-bit": 0.5}
 # What each trained rank reports, in manifest.json and in the sweep's table.
 RESULT_KEYS = ("rank", "lora_alpha", "trainable_parameters", "adapter_mb", "eval_loss", "best_step", "batching",
                "token_budget", "batch", "median_step_time_s", "tokens_per_s", "peak_gpu_memory_gib")
-PER_GPU_KEYS = ("world_size", "tokens_per_s_per_gpu", "peak_gpu_memory_gib_per_gpu")  # runs on several GPUs only
 
 
 @dataclass
@@ -65,12 +55,13 @@ class Config:
     --gpus N trains one rank on N GPUs; --rank-sweep runs in one process (one rank after another, compared)."""
     variant: str = "instruct"  # card: instruct (Llama 3.1 chat) for many tasks; base (plain Alpaca format) for one
     model_name: str = ""  # empty: the variant's Unsloth 4-bit checkpoint (VARIANTS); or a hub id or local folder
+    chat_template: str = ""  # empty: the variant's, llama-3.1 (instruct) or alpaca (base); loss on the replies
     load_in_4bit: bool = True  # card: QLoRA, the frozen base in 4-bit NF4 (about 5.6 GB for 8B instead of 16)
     max_seq_length: int = 2048  # choice (not on the card): Unsloth's notebooks' length; longer chats: --long-conversations
     lora_r: int = 8  # card: start at rank 8; --rank-sweep replaces it by the ranks swept
-    lora_alpha: int | None = None  # card: alpha = 2 x rank; None (unset) follows each rank, a number fixes it
+    lora_alpha: int = 16  # card: alpha = 2 x rank; a swept rank keeps the ratio lora_alpha / lora_r
     lora_dropout: float = 0.0  # 0 lets Unsloth use its fused LoRA kernels
-    targets: str = "attention"  # card: the attention projections q,k,v,o; attention|mlp|all
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # card: the attention projections
     data: str = "mlabonne/FineTome-100k"  # chat data, any format common.data reads (ShareGPT, messages, Alpaca, Q&A)
     max_samples: int = 10_000  # choice (not on the card): 10k conversations tune a style; 0 uses every row
     long_conversations: str = "split"  # choice: long chat logs kept as windows of whole turns; drop: only whole ones fit
@@ -100,33 +91,18 @@ SMOKE = dict(data=str(SAMPLE_DATA), max_seq_length=512, max_samples=0, gradient_
 
 
 def main(argv=None):
-    cfg, run = parse(Config, argv, smoke=SMOKE)
-    ranks = ranks_to_train(cfg, run)
-    model_name = cfg.model_name or VARIANTS[cfg.variant][0]
-    if cfg.estimate_memory:
-        print(memory_estimate(model_name, ranks, cfg))
-        return
-    if len(ranks) > 1:
-        distributed.refuse(f"{RECIPE} --rank-sweep", "it trains one rank after another and compares them")
-    distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
-    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
-    check_token_budget(cfg.token_budget, cfg.max_seq_length)
-    hardware = detect(run.precision)
-    set_seed(cfg.seed)
-    folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
-    with folder:
-        folder.write_config(cfg, run)
-        print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
-        if run.smoke:
-            with distributed.main_first():
-                model_name = tiny_model("llama-3.1", read_rows(cfg.data), folder=folder.smoke_base)
+    session = start(RECIPE, Config, argv, SMOKE, flags=check_flags, estimate=memory_estimate_only)
+    cfg = session.cfg
+    with session.folder:
+        model_name = base_model(session, "llama-3.1", lambda: read_rows(cfg.data))
 
         # Steps 1-5 once per rank: one run at --lora-r, or, with --rank-sweep, the card's doubling rule.
+        ranks = list(cfg.rank_sweep) or [cfg.lora_r]
         swept, results = len(ranks) > 1, []
         for rank in ranks:
-            rank_folder = RunFolder(folder.path / "sweep" / f"r{rank}") if swept else folder
+            rank_folder = RunFolder(session.folder.path / "sweep" / f"r{rank}") if swept else session.folder
             rank_folder.path.mkdir(parents=True, exist_ok=True)
-            results.append(train_at_rank(cfg, run, hardware, model_name, rank, accumulation, rank_folder))
+            results.append(train_at_rank(session, model_name, rank, rank_folder, swept))
             if results[-1] is None:
                 return
             if swept:
@@ -138,119 +114,97 @@ def main(argv=None):
                 break
         kept = next(r for r in results if r["rank"] == chosen)
 
-        # 6. The kept adapter, the manifest and the human summary (results.md last: it marks the run complete).
+        # 6. The kept adapter, the run's record and results.md (last: it marks the run complete).
         if swept:
-            shutil.copytree(folder.path / "sweep" / f"r{chosen}" / "adapter", folder.adapter)
-            plot_sweep(results, chosen, folder.path / "sweep.png")
-        folder.write_json("manifest.json", manifest(
-            RECIPE, hardware, cfg.seed, kept["data"], kept["precision"], model_name=model_name,
-            optimizer=kept["optimizer"],
-            **{key: kept[key] for key in RESULT_KEYS + PER_GPU_KEYS if key in kept},
-            sweep=[{key: r[key] for key in RESULT_KEYS} for r in results] if swept else None))
-        folder.write_results(results_markdown(cfg, model_name, results, chosen, swept),
-                             loss_curves={f"r{r['rank']}" if swept else "": r["records"] for r in results})
-        print(f"done: rank {chosen}, eval loss {kept['eval_loss']:.4f}; results in {folder.path}")
-        print_summary(RECIPE, folder.path, kept, kept["records"])
+            shutil.copytree(session.folder.path / "sweep" / f"r{chosen}" / "adapter", session.folder.adapter)
+            plot_sweep(results, chosen, session.folder.path / "sweep.png")
+        print(f"done: rank {chosen}, eval loss {kept['eval_loss']:.4f}; results in {session.folder.path}")
+        session.finish(kept.pop("model"), None, kept.pop("trainer"), kept["data"],
+                       results_markdown(cfg, results, chosen, swept),
+                       loss_curves={f"r{r['rank']}" if swept else "": r["records"] for r in results},
+                       save_adapter=False, throughput=kept["throughput"],
+                       **{key: kept[key] for key in RESULT_KEYS},
+                       sweep=[{key: r[key] for key in RESULT_KEYS} for r in results] if swept else None)
 
 
-def train_at_rank(cfg, run, hardware, model_name, rank, accumulation, folder) -> dict | None:
-    """The card's steps for one LoRA rank, written into `folder`, each process accumulating `accumulation` of the
-    card's micro-batches a step (its share under --gpus N); None when --stop-after-step ended the session."""
+def train_at_rank(session, model_name, rank, folder, swept) -> dict | None:
+    """The card's steps for one LoRA rank, written into `folder`; None when --stop-after-step or a signal ended the
+    session."""
+    cfg = session.cfg
     set_seed(cfg.seed)  # every rank of a sweep sees the same data order and LoRA initialisation
-    _, template, user_marker, reply_marker = VARIANTS[cfg.variant]
 
-    # 1. Load the frozen 4-bit base and the variant's prompt format (Unsloth's rendering of each template).
-    model, tokenizer = load_model(model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit)
-    tokenizer = get_chat_template(tokenizer, chat_template=template)
+    # 1. Load the frozen 4-bit base and the variant's prompt format.
+    model, tokenizer = load_model(model_name, cfg.max_seq_length, session.hardware.precision, cfg.load_in_4bit,
+                                  target_modules=cfg.target_modules)
+    tokenizer = set_chat_template(tokenizer, cfg.chat_template)
 
     # 2. LoRA adapters A (r x in) and B (out x r) on the targets; Unsloth's gradient checkpointing offloads activations
-    alpha = lora_alpha_for(rank, cfg.lora_alpha)
+    alpha = lora_alpha_for(rank, cfg)
     model = FastLanguageModel.get_peft_model(
         model, r=rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout, bias="none",
-        target_modules=list(TARGETS[cfg.targets]), use_gradient_checkpointing="unsloth", random_state=cfg.seed)
+        target_modules=list(cfg.target_modules), use_gradient_checkpointing="unsloth", random_state=cfg.seed)
 
     # 3. Data: standardise to messages, split train/eval, cut conversations longer than max_seq_length into windows.
     train_rows, eval_rows, data = prepare_chat_data(cfg.data, tokenizer, cfg.max_seq_length, cfg.max_samples,
                                                     cfg.eval_fraction, cfg.seed, long_conversations=cfg.long_conversations)
     print(f"rank {rank}: data {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
 
-    # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss. A step's
-    #    8 conversations run as passes of at most --token-budget tokens: short ones share a pass (common/batching.py);
-    #    with N GPUs each takes 8 / N of them.
-    budget = pass_budget(cfg.token_budget, model, cfg.per_device_train_batch_size, accumulation, cfg.max_seq_length,
-                         hardware.precision)
-    recorder = MetricsRecorder(folder.metrics)
-    # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED. A sweep cannot resume: a signal ends it there.
-    stop = StopOnRequest(run.stop_after_step, signals=not cfg.rank_sweep)
-    with token_budget_batches(cfg.per_device_train_batch_size, accumulation, budget["tokens_a_pass"]) as batches:
-        trainer = SFTTrainer(
-            model=model,
-            processing_class=tokenizer,
-            train_dataset=conversation_dataset(train_rows),
-            eval_dataset=conversation_dataset(eval_rows[:cfg.max_eval_samples]),
-            callbacks=[recorder, stop],
-            args=SFTConfig(
-                output_dir=str(folder.checkpoints), max_length=cfg.max_seq_length, **batches,
-                per_device_eval_batch_size=cfg.per_device_eval_batch_size, learning_rate=cfg.learning_rate,
-                warmup_steps=cfg.warmup_steps, lr_scheduler_type=cfg.lr_scheduler_type, max_steps=cfg.max_steps,
-                optim=cfg.optim, weight_decay=cfg.weight_decay, eval_strategy="steps", eval_steps=cfg.eval_steps,
-                save_strategy="steps", save_steps=cfg.eval_steps,
-                save_total_limit=2,  # the best and the latest: enough to resume and to restore the best
-                load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-                logging_steps=1, seed=cfg.seed, data_seed=cfg.seed, report_to=loggers(run.report_to, folder.path / "tensorboard"),
-                **training_precision_flags(hardware.precision)),
-        )
-    trainer = train_on_responses_only(trainer, instruction_part=user_marker, response_part=reply_marker)
-    batching = settle_batching(trainer, cfg.per_device_train_batch_size, accumulation)
-    recorder.count_tokens_of(trainer)
-    reset_peak_memory()
-    trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
-    if trainer.state.global_step < cfg.max_steps or stop.signal:
-        folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
+    # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss. A sweep
+    #    cannot resume: a signal ends it at once.
+    trainer = SFTTrainer(
+        model=model, processing_class=tokenizer, train_dataset=conversation_dataset(train_rows),
+        eval_dataset=conversation_dataset(eval_rows[:cfg.max_eval_samples]),
+        args=trainer_arguments(session, SFTConfig, output_dir=str(folder.checkpoints), eval_strategy="steps",
+                               save_steps=cfg.eval_steps,
+                               save_total_limit=2,  # the best and the latest: to resume, and to restore the best
+                               load_best_model_at_end=True, metric_for_best_model="eval_loss"))
+    trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
+    if not session.train(trainer, folder=folder, signals=not swept):
         return None
 
     # 5. Evaluate the kept (best) checkpoint, answer a few held-out prompts, save the adapter.
     final_eval = trainer.evaluate(metric_key_prefix="final")
     distributed.only_main_continues()
-    FastLanguageModel.for_inference(model)
-    samples = []
-    for messages in eval_rows[:cfg.sample_prompts]:
-        prompt = messages[:next(i for i, m in enumerate(messages) if m["role"] == "assistant")]
-        samples.append((prompt[-1]["content"], generate_reply(model, tokenizer, prompt, cfg.max_new_tokens)))
+    samples = answer_prompts(model, tokenizer, eval_rows[:cfg.sample_prompts], cfg.max_new_tokens)
     folder.save_adapter(model, tokenizer)
     result = dict(rank=rank, lora_alpha=alpha, trainable_parameters=model.get_nb_trainable_parameters()[0],
                   adapter_mb=(folder.adapter / "adapter_model.safetensors").stat().st_size / 1e6,
-                  eval_loss=final_eval["final_loss"],
-                  best_step=int(Path(trainer.state.best_model_checkpoint).name.split("-")[1]),
-                  optimizer=optimizer_that_ran(trainer), data=data, samples=samples, records=recorder.records,
-                  precision=precision_of(model), batching=batching, token_budget=budget,
-                  batch=distributed.batch_layout(cfg.per_device_train_batch_size, accumulation),
-                  **recorder.summary())
+                  eval_loss=final_eval["final_loss"], best_step=session.best_step(trainer), data=data,
+                  samples=samples, records=session.recorder.records, throughput=session.recorder.summary(),
+                  model=model, trainer=trainer, **session.batching, **session.recorder.summary())
     print(f"rank {rank}: eval loss {result['eval_loss']:.4f}, {result['trainable_parameters']:,} trainable parameters, "
           f"adapter {result['adapter_mb']:.2f} MB")
     return result
 
 
-def ranks_to_train(cfg, run) -> list[int]:
-    """The ranks this run trains: [--lora-r], or the --rank-sweep list; a mistake in the flags is one line."""
+def check_flags(cfg, run):
+    """The variant's checkpoint and template unless given; ranks that a sweep can double; one process for a sweep."""
     if cfg.variant not in VARIANTS:
         raise UserError(f"--variant {cfg.variant}: use one of {', '.join(VARIANTS)}")
-    if cfg.targets not in TARGETS:
-        raise UserError(f"--targets {cfg.targets}: use one of {', '.join(TARGETS)}")
+    cfg.model_name = cfg.model_name or VARIANTS[cfg.variant][0]
+    cfg.chat_template = cfg.chat_template or VARIANTS[cfg.variant][1]
     ranks = list(cfg.rank_sweep) or [cfg.lora_r]
     if min(ranks) < 1 or ranks != sorted(set(ranks)):
         flag = "--rank-sweep" if cfg.rank_sweep else "--lora-r"
         raise UserError(f"{flag} {','.join(map(str, ranks))}: ranks must be positive and increasing, e.g. 8,16,32,64")
     if len(ranks) > 1 and (run.resume or run.stop_after_step):
         raise UserError("--resume and --stop-after-step work on a single run, not on a --rank-sweep; rerun the sweep")
+    if len(ranks) > 1:
+        distributed.refuse(f"{RECIPE} --rank-sweep", "it trains one rank after another and compares them")
     if cfg.eval_steps > cfg.max_steps:
         raise UserError(f"--eval-steps {cfg.eval_steps} is above --max-steps {cfg.max_steps}: no checkpoint to keep")
-    return ranks
 
 
-def lora_alpha_for(rank: int, lora_alpha: int | None) -> int:
-    """The card's alpha = 2 x rank, unless --lora-alpha fixes it (then every swept rank uses that value)."""
-    return 2 * rank if lora_alpha is None else lora_alpha
+def memory_estimate_only(cfg, run):
+    """--estimate-memory: the card's arithmetic, printed; no weights are loaded and no run folder is written."""
+    if cfg.estimate_memory:
+        print(memory_estimate(cfg.model_name, list(cfg.rank_sweep) or [cfg.lora_r], cfg))
+        raise SystemExit(0)
+
+
+def lora_alpha_for(rank: int, cfg) -> int:
+    """The card's alpha = 2 x rank, as the ratio lora_alpha / lora_r (16 / 8) applied to each swept rank."""
+    return round(rank * cfg.lora_alpha / cfg.lora_r)
 
 
 def relative_gain(previous_loss: float, loss: float) -> float:
@@ -339,26 +293,25 @@ def memory_estimate(model_name: str, ranks: list[int], cfg) -> str:
     lines.append(f"  4-bit as QLoRA loads it: {(linear / 2 + (total - linear) * 2) / 1e9:.2f} GB "
                  f"(linear layers in 4-bit; embeddings, lm_head and norms stay 16-bit)")
     for rank in ranks:
-        count = lora_parameter_count(config, rank, TARGETS[cfg.targets])
-        alpha, targets = lora_alpha_for(rank, cfg.lora_alpha), ", ".join(TARGETS[cfg.targets])
+        count = lora_parameter_count(config, rank, tuple(cfg.target_modules))
+        alpha, targets = lora_alpha_for(rank, cfg), ", ".join(cfg.target_modules)
         lines.append(f"  LoRA r={rank} alpha={alpha} on {targets}: "
                      f"{count:,} parameters, {count * 4 / 1e6:.1f} MB in fp32, {count * 2 / 1e6:.1f} MB in 16-bit")
     lines.append("  not counted: activations (batch x sequence length), the adapters' gradients and optimizer states")
     return "\n".join(lines)
 
 
-def results_markdown(cfg, model_name, results, chosen, swept) -> str:
+def results_markdown(cfg, results, chosen, swept) -> str:
     kept = next(r for r in results if r["rank"] == chosen)
-    data, targets = kept["data"], ", ".join(TARGETS[cfg.targets])
+    data, targets = kept["data"], ", ".join(cfg.target_modules)
     lines = [f"# {RECIPE}: Llama-3.1-8B QLoRA, {cfg.variant} variant", "",
-             f"- model: {model_name}, {'4-bit' if cfg.load_in_4bit else '16-bit'}; prompt format "
-             f"{VARIANTS[cfg.variant][1]}, loss on the replies only",
+             f"- model: {cfg.model_name}, {'4-bit' if cfg.load_in_4bit else '16-bit'}; prompt format "
+             f"{cfg.chat_template}, loss on the replies only",
              f"- data: {data['source']} - {data['report']}; train {data['train']:,}, eval {data['eval']:,}",
              f"- LoRA r {chosen}, alpha {kept['lora_alpha']} on {targets}: {kept['trainable_parameters']:,} trainable "
              f"parameters, adapter {kept['adapter_mb']:.2f} MB",
              f"- kept checkpoint: step {kept['best_step']} (lowest eval loss); eval loss {kept['eval_loss']:.4f}",
-             f"- median step time {fmt(kept['median_step_time_s'], ' s')}, {fmt(kept['tokens_per_s'], ' tokens/s')}, "
-             f"peak GPU memory {fmt(kept['peak_gpu_memory_gib'], ' GiB')}{per_gpu(kept)}"]
+             throughput_line(kept["throughput"])]
     if swept:
         lines += ["", f"## Rank sweep: double the rank while eval loss improves by at least {cfg.min_gain:.1%}", "",
                   "| rank | alpha | trainable parameters | adapter MB | eval loss | gain | peak memory GiB | s/step "
@@ -366,8 +319,8 @@ def results_markdown(cfg, model_name, results, chosen, swept) -> str:
         for previous, r in zip([None] + results, results):
             gain = f"{relative_gain(previous['eval_loss'], r['eval_loss']):.2%}" if previous else "-"
             lines.append(f"| {r['rank']} | {r['lora_alpha']} | {r['trainable_parameters']:,} | {r['adapter_mb']:.2f} | "
-                         f"{r['eval_loss']:.4f} | {gain} | {fmt(r['peak_gpu_memory_gib'], '')} | "
-                         f"{fmt(r['median_step_time_s'], '')} | {fmt(r['tokens_per_s'], '')} |")
+                         f"{r['eval_loss']:.4f} | {gain} | {number(r['peak_gpu_memory_gib'])} | "
+                         f"{number(r['median_step_time_s'])} | {number(r['tokens_per_s'])} |")
         why = (f"doubling to {results[-1]['rank']} gained less than {cfg.min_gain:.1%}" if results[-1]["rank"] != chosen
                else "every doubling gained enough: the largest rank swept; a larger one may still help")
         lines += ["", f"**Chosen rank: {chosen}** ({why}); its adapter is in adapter/.", "",
@@ -376,10 +329,6 @@ def results_markdown(cfg, model_name, results, chosen, swept) -> str:
     for question, answer in kept["samples"]:
         lines += [f"**Prompt:** {question}", "", f"**Answer:** {answer or '(empty)'}", ""]
     return "\n".join(lines)
-
-
-def fmt(value, unit: str) -> str:
-    return "n/a" if value is None else f"{value:,.2f}{unit}"
 
 
 if __name__ == "__main__":

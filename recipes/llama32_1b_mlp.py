@@ -4,34 +4,30 @@ Card: 4-bit Llama-3.2-1B-Instruct, LoRA r16/alpha16 on gate, up and down project
 (private: --data takes yours); 60 steps at 2e-4, loss on answers. Beyond the card: held-out questions answered
 before and after training; a manifest check that only MLP modules carry adapters and attention stayed bit-identical.
 Launch: ./run.sh llama32_1b_mlp --data my_qa.jsonl     offline check on CPU: ./run.sh llama32_1b_mlp --smoke
-(run.sh exports PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the card's expandable CUDA segments)
 Several GPUs: ./run.sh llama32_1b_mlp --data my_qa.jsonl --gpus 2 (the card's effective batch of 8 kept: 4 accumulation
 steps become 2 a GPU)
 """
-import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT on import)
+import os
 
-import hashlib
-from dataclasses import dataclass
-from pathlib import Path
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # card: expandable CUDA segments
+import unsloth  # noqa: E402, F401  (first of the libraries: Unsloth patches transformers, TRL and PEFT on import)
 
-from peft.tuners.lora import LoraLayer
-from safetensors.torch import save as safetensors_bytes
-from transformers import set_seed
-from trl import SFTConfig, SFTTrainer
-from unsloth import FastLanguageModel
+import hashlib  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-from common import distributed
-from common.batching import check_token_budget, pass_budget, settle_batching, token_budget_batches
-from common.callbacks import MetricsRecorder, StopOnRequest
-from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
-from common.config import parse
-from common.data import prepare_chat_data, read_rows
-from common.errors import UserError, run_main
-from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
-from common.model import load_model
-from common.outputs import RunFolder, manifest, optimizer_that_ran
-from common.report import loggers, per_gpu, print_summary
-from common.smoke import tiny_model
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from safetensors.torch import save as safetensors_bytes  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+from unsloth import FastLanguageModel  # noqa: E402
+
+from common import distributed  # noqa: E402
+from common.chat import conversation_dataset, mask_to_assistant_turns, set_chat_template  # noqa: E402
+from common.data import prepare_chat_data, read_rows  # noqa: E402
+from common.errors import UserError, run_main  # noqa: E402
+from common.model import load_model  # noqa: E402
+from common.report import throughput_line  # noqa: E402
+from common.session import answer_prompts, base_model, start, trainer_arguments  # noqa: E402
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "repo_qa_sample.jsonl"
@@ -73,25 +69,13 @@ SMOKE = dict(data=str(SAMPLE_DATA), system_prompt="You answer questions about th
 
 
 def main(argv=None):
-    cfg, run = parse(Config, argv, smoke=SMOKE)
-    if not cfg.data:
-        raise UserError(f"{RECIPE} trains on your own Q&A: give --data, e.g. --data my_qa.jsonl with rows like "
-                        '{"question": "...", "answer": "..."} (the bundled sample: --data recipes/data/repo_qa_sample.jsonl)')
-    distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
-    hardware = detect(run.precision)
-    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
-    check_token_budget(cfg.token_budget, cfg.max_seq_length)
-    set_seed(cfg.seed)
-    folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
-    with folder:
-        folder.write_config(cfg, run)
-        print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
-
+    session = start(RECIPE, Config, argv, SMOKE, data_given=needs_data)  # inputs checked, run folder opened
+    cfg = session.cfg
+    with session.folder:
         # 1. Load the 4-bit base model and the Llama 3.1 chat template; fingerprint attention as loaded.
-        if run.smoke:
-            with distributed.main_first():
-                cfg.model_name = tiny_model("llama-3.1", read_rows(cfg.data), folder=folder.smoke_base)
-        model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit)
+        model_name = base_model(session, "llama-3.1", lambda: read_rows(cfg.data))
+        model, tokenizer = load_model(model_name, cfg.max_seq_length, session.hardware.precision, cfg.load_in_4bit,
+                                      target_modules=cfg.target_modules)
         tokenizer = set_chat_template(tokenizer, cfg.chat_template)
         attention_before = attention_fingerprints(model)
 
@@ -102,82 +86,45 @@ def main(argv=None):
 
         # 3. Data: standardise Q&A rows to messages with the domain's system prompt; hold a few questions out.
         train_rows, held_out, data = domain_conversations(cfg, tokenizer)
-        questions = [question_and_reference(messages) for messages in held_out]
         print(f"data: {data['report']}; train {data['train']:,}, held out {data['eval']:,}")
 
-        # 4. Train with loss on answers only; the held-out questions give a loss before and after training. A step's
-        #    8 rows run as passes of at most --token-budget tokens: short ones share a pass (common/batching.py); with N
-        #    GPUs each takes 8 / N of them.
-        stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
-        budget = pass_budget(cfg.token_budget, model, cfg.per_device_train_batch_size, accumulation,
-                             cfg.max_seq_length, hardware.precision)
-        with token_budget_batches(cfg.per_device_train_batch_size, accumulation, budget["tokens_a_pass"]) as batches:
-            trainer = SFTTrainer(
-                model=model,
-                processing_class=tokenizer,
-                train_dataset=conversation_dataset(train_rows),
-                eval_dataset=conversation_dataset(held_out),
-                callbacks=[stop],
-                args=SFTConfig(
-                    output_dir=str(folder.checkpoints),
-                    max_length=cfg.max_seq_length,
-                    **batches,
-                    per_device_eval_batch_size=cfg.per_device_train_batch_size,
-                    learning_rate=cfg.learning_rate,
-                    warmup_steps=cfg.warmup_steps,
-                    lr_scheduler_type=cfg.lr_scheduler_type,
-                    max_steps=cfg.max_steps,
-                    optim=cfg.optim,
-                    weight_decay=cfg.weight_decay,
-                    eval_strategy="no",  # choice: a 60-step run; the held-out loss is taken before and after instead
-                    save_strategy="steps",
-                    save_steps=cfg.save_steps,
-                    save_total_limit=1,  # the latest is all --resume needs
-                    logging_steps=1,
-                    seed=cfg.seed,
-                    data_seed=cfg.seed,
-                    report_to=loggers(run.report_to, folder.path / "tensorboard"),
-                    **training_precision_flags(hardware.precision),
-                ),
-            )
+        # 4. Train with loss on answers only; the held-out questions give a loss and answers before and after.
+        trainer = SFTTrainer(
+            model=model, processing_class=tokenizer, train_dataset=conversation_dataset(train_rows),
+            eval_dataset=conversation_dataset(held_out),
+            args=trainer_arguments(session, SFTConfig, per_device_eval_batch_size=cfg.per_device_train_batch_size,
+                                   eval_strategy="no",  # choice: a 60-step run; held-out loss before and after instead
+                                   save_total_limit=1))  # the latest checkpoint is all --resume needs
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
-        batching = settle_batching(trainer, cfg.per_device_train_batch_size, accumulation)
         # LoRA's B matrices start at zero, so before training the adapted model answers exactly as the base model.
         loss_before = trainer.evaluate(metric_key_prefix="before")["before_loss"]
-        answers_before = answer(model, tokenizer, questions, cfg.max_new_tokens)
+        answers_before = answer_prompts(model, tokenizer, held_out, cfg.max_new_tokens)
         FastLanguageModel.for_training(model)
-        # metrics.jsonl logs training from here on; a resumed run continues the lines kept up to its checkpoint.
-        recorder = MetricsRecorder(folder.metrics)
-        trainer.add_callback(recorder)
-        recorder.count_tokens_of(trainer)
-        reset_peak_memory()
-        trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
-        if trainer.state.global_step < cfg.max_steps or stop.signal:
-            folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
+        if not session.train(trainer):
             return
 
         # 5. Evaluate: held-out loss and answers after training; adapters only on the MLP; attention bit-identical.
         loss_after = trainer.evaluate(metric_key_prefix="after")["after_loss"]
         distributed.only_main_continues()
-        answers_after = answer(model, tokenizer, questions, cfg.max_new_tokens)
+        answers_after = answer_prompts(model, tokenizer, held_out, cfg.max_new_tokens)
         check = mlp_only_check(model, attention_before)
         print(f"check: {len(check['lora_modules'])} LoRA modules, only on MLP: {check['lora_only_on_mlp']}; "
               f"{check['attention_weights_checked']} attention weights, bit-identical: {check['attention_frozen']}")
 
-        # 6. Save the adapter, the manifest and the human summary (results.md last: it marks the run complete).
-        folder.save_adapter(model, tokenizer)
-        throughput = recorder.summary()
-        samples = [(prompt[-1]["content"], reference, before, after)
-                   for (prompt, reference), before, after in zip(questions, answers_before, answers_after)]
-        folder.write_json("manifest.json", manifest(
-            RECIPE, hardware, cfg.seed, data, precision_of(model), optimizer=optimizer_that_ran(trainer),
-            batching=batching, token_budget=budget,
-            batch=distributed.batch_layout(cfg.per_device_train_batch_size, accumulation), held_out_loss_before=loss_before, held_out_loss_after=loss_after,
-            held_out_questions=[s[0] for s in samples], **check, **throughput))
-        folder.write_results(results_markdown(data, recorder.records, (loss_before, loss_after), check, throughput,
-                                              samples), loss_curves={"": recorder.records})
-        print(f"done: held-out loss {loss_before:.4f} -> {loss_after:.4f}; results in {folder.path}")
-        print_summary(RECIPE, folder.path, throughput, recorder.records)
+        # 6. Save the adapter, the run's record and results.md (last: it marks the run complete).
+        samples = [(question, reference(messages), before, after) for messages, (question, before), (_, after)
+                   in zip(held_out, answers_before, answers_after)]
+        print(f"done: held-out loss {loss_before:.4f} -> {loss_after:.4f}; results in {session.folder.path}")
+        session.finish(model, tokenizer, trainer, data,
+                       results_markdown(data, session.recorder, (loss_before, loss_after), check, samples),
+                       held_out_loss_before=loss_before, held_out_loss_after=loss_after,
+                       held_out_questions=[s[0] for s in samples], **check)
+
+
+def needs_data(cfg, run):
+    if not cfg.data:
+        raise UserError(f"{RECIPE} trains on your own Q&A: give --data, e.g. --data my_qa.jsonl with rows like "
+                        '{"question": "...", "answer": "..."} (the bundled sample: --data recipes/data/repo_qa_sample.jsonl)')
 
 
 def domain_conversations(cfg, tokenizer):
@@ -192,15 +139,9 @@ def domain_conversations(cfg, tokenizer):
     return train, held_out, data
 
 
-def question_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
-    """The conversation up to its first answer (system prompt and question), and that answer."""
-    first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:first_answer], messages[first_answer]["content"]
-
-
-def answer(model, tokenizer, questions: list[tuple[list[dict], str]], max_new_tokens: int) -> list[str]:
-    FastLanguageModel.for_inference(model)
-    return [generate_reply(model, tokenizer, prompt, max_new_tokens) for prompt, _ in questions]
+def reference(messages: list[dict]) -> str:
+    """The data's own answer to a held-out question: its first assistant turn."""
+    return next(m["content"] for m in messages if m["role"] == "assistant")
 
 
 def attention_fingerprints(model) -> dict[str, str]:
@@ -222,8 +163,8 @@ def mlp_only_check(model, attention_before: dict[str, str]) -> dict:
             "attention_frozen": bool(attention_before) and not changed}
 
 
-def results_markdown(data, records, held_out_losses, check, throughput, samples) -> str:
-    losses = [r["loss"] for r in records if "loss" in r]
+def results_markdown(data, recorder, held_out_losses, check, samples) -> str:
+    losses = [r["loss"] for r in recorder.records if "loss" in r]
     only_mlp = "yes" if check["lora_only_on_mlp"] else "NO"
     frozen = "yes" if check["attention_frozen"] else "NO, changed: " + ", ".join(check["attention_weights_changed"])
     lines = [f"# {RECIPE}: Llama-3.2-1B-Instruct, LoRA on the MLP only", "",
@@ -232,10 +173,7 @@ def results_markdown(data, records, held_out_losses, check, throughput, samples)
              "- held-out answer loss: {:.4f} before training, {:.4f} after".format(*held_out_losses),
              f"- LoRA adapters on {len(check['lora_modules'])} modules, all MLP: {only_mlp}; "
              f"{check['attention_weights_checked']} attention weights bit-identical after training: {frozen}",
-             f"- median step time {fmt(throughput['median_step_time_s'], 's')}, "
-             f"{fmt(throughput['tokens_per_s'], ' tokens/s')}, "
-             f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], ' GiB')}{per_gpu(throughput)}",
-             "",
+             throughput_line(recorder.summary()), "",
              "## Held-out questions, answered before and after fine-tuning", "",
              "| question | reference answer | before | after |", "|---|---|---|---|"]
     for row in samples:
@@ -245,10 +183,6 @@ def results_markdown(data, records, held_out_losses, check, throughput, samples)
 
 def cell(text: str) -> str:
     return (text or "(empty)").replace("|", "\\|").replace("\n", "<br>")
-
-
-def fmt(value, unit: str) -> str:
-    return "n/a" if value is None else f"{value:,.2f}{unit}"
 
 
 if __name__ == "__main__":

@@ -10,22 +10,17 @@ import unsloth  # noqa: F401  (first: Unsloth patches transformers, TRL and PEFT
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
 from common import distributed
-from common.batching import check_token_budget, pass_budget, settle_batching, token_budget_batches
-from common.callbacks import MetricsRecorder, MovingAverageEvalLoss, StopOnRequest
-from common.chat import conversation_dataset, generate_reply, mask_to_assistant_turns, set_chat_template
-from common.config import parse
+from common.callbacks import MovingAverageEvalLoss
+from common.chat import conversation_dataset, mask_to_assistant_turns, set_chat_template
 from common.data import prepare_chat_data, read_rows
 from common.errors import run_main
-from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model
-from common.outputs import RunFolder, manifest, optimizer_that_ran
-from common.report import loggers, per_gpu, print_summary
-from common.smoke import tiny_model
+from common.report import throughput_line
+from common.session import answer_prompts, base_model, start, trainer_arguments
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "finetome_sample.jsonl"
@@ -37,8 +32,6 @@ class Config:
     model_name: str = "unsloth/llama-3-8b-Instruct-bnb-4bit"  # the card's checkpoint, pre-quantized by Unsloth
     load_in_4bit: bool = True  # 4-bit bitsandbytes base: the 8B model fits a 16 GB T4
     max_seq_length: int = 1024  # card: 1024, with a length filter: longer conversations are dropped, not truncated
-    # Unsloth 2026.10.9's GPU loader drops attn_implementation and runs its own attention (SDPA on an H100 without
-    # xformers), so "eager" costs nothing there and "sdpa" gains nothing; only the CPU backend passes it to transformers.
     attn_implementation: str = "eager"  # card: eager for stability; on a GPU Unsloth runs its own attention instead
     lora_r: int = 8  # card: r 8
     lora_alpha: int = 16  # card: alpha 16
@@ -72,23 +65,13 @@ SMOKE = dict(data=str(SAMPLE_DATA), max_seq_length=512, max_samples=0, gradient_
 
 
 def main(argv=None):
-    cfg, run = parse(Config, argv, smoke=SMOKE)
-    distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
-    hardware = detect(run.precision)
-    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
-    check_token_budget(cfg.token_budget, cfg.max_seq_length)
-    set_seed(cfg.seed)
-    folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
-    with folder:
-        folder.write_config(cfg, run)
-        print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
-
-        # 1. Load the 4-bit base model and the Llama 3 chat template.
-        if run.smoke:
-            with distributed.main_first():
-                cfg.model_name = tiny_model("llama-3", read_rows(cfg.data), folder=folder.smoke_base)
-        model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit,
-                                      attn_implementation=cfg.attn_implementation)
+    session = start(RECIPE, Config, argv, SMOKE)  # flags and inputs checked, GPUs joined, seed set, run folder opened
+    cfg = session.cfg
+    with session.folder:
+        # 1. Load the 4-bit base model (--smoke: a tiny one of its architecture) and the Llama 3 chat template.
+        model_name = base_model(session, "llama-3", lambda: read_rows(cfg.data))
+        model, tokenizer = load_model(model_name, cfg.max_seq_length, session.hardware.precision, cfg.load_in_4bit,
+                                      target_modules=cfg.target_modules, attn_implementation=cfg.attn_implementation)
         tokenizer = set_chat_template(tokenizer, cfg.chat_template)
 
         # 2. LoRA adapters on the attention projections; Unsloth's gradient checkpointing offloads activations.
@@ -101,92 +84,39 @@ def main(argv=None):
                                                         cfg.eval_fraction, cfg.seed,
                                                         long_conversations=cfg.long_conversations)
         print(f"data: {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
-        eval_for_loss = eval_rows[:cfg.max_eval_samples]
 
-        # 4. Train with loss on assistant turns only; checkpoint at every evaluation, keep the best by eval loss. A step's
-        #    16 conversations run as passes of at most --token-budget tokens: short ones share a pass
-        #    (common/batching.py); with N GPUs each takes 16 / N of them.
-        budget = pass_budget(cfg.token_budget, model, cfg.per_device_train_batch_size, accumulation,
-                             cfg.max_seq_length, hardware.precision)
-        recorder = MetricsRecorder(folder.metrics)
-        stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
-        moving_average = MovingAverageEvalLoss(cfg.moving_average_window,
-                                               [r["eval_loss"] for r in recorder.records if "eval_loss" in r])
-        with token_budget_batches(cfg.per_device_train_batch_size, accumulation, budget["tokens_a_pass"]) as batches:
-            trainer = SFTTrainer(
-                model=model,
-                processing_class=tokenizer,
-                train_dataset=conversation_dataset(train_rows),
-                eval_dataset=conversation_dataset(eval_for_loss),
-                callbacks=[moving_average, recorder, stop],
-                args=SFTConfig(
-                    output_dir=str(folder.checkpoints),
-                    max_length=cfg.max_seq_length,
-                    **batches,
-                    per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-                    learning_rate=cfg.learning_rate,
-                    warmup_steps=cfg.warmup_steps,
-                    lr_scheduler_type=cfg.lr_scheduler_type,
-                    max_steps=cfg.max_steps,
-                    optim=cfg.optim,
-                    weight_decay=cfg.weight_decay,
-                    eval_strategy="steps",
-                    eval_steps=cfg.eval_steps,
-                    save_strategy="steps",
-                    save_steps=cfg.eval_steps,
-                    save_total_limit=2,  # the best and the latest: enough to resume and to restore the best
-                    load_best_model_at_end=True,
-                    metric_for_best_model="eval_loss",
-                    greater_is_better=False,
-                    logging_steps=1,
-                    seed=cfg.seed,
-                    data_seed=cfg.seed,
-                    report_to=loggers(run.report_to, folder.path / "tensorboard"),
-                    **training_precision_flags(hardware.precision),
-                ),
-            )
+        # 4. Train with loss on assistant turns only; checkpoint at every evaluation, keep the best by eval loss.
+        trainer = SFTTrainer(
+            model=model, processing_class=tokenizer, train_dataset=conversation_dataset(train_rows),
+            eval_dataset=conversation_dataset(eval_rows[:cfg.max_eval_samples]),
+            callbacks=[MovingAverageEvalLoss(cfg.moving_average_window, session.eval_losses())],
+            args=trainer_arguments(session, SFTConfig, eval_strategy="steps", save_steps=cfg.eval_steps,
+                                   save_total_limit=2,  # the best and the latest: to resume, and to restore the best
+                                   load_best_model_at_end=True, metric_for_best_model="eval_loss"))
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
-        batching = settle_batching(trainer, cfg.per_device_train_batch_size, accumulation)
-        recorder.count_tokens_of(trainer)
-        reset_peak_memory()
-        trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
-        if trainer.state.global_step < cfg.max_steps or stop.signal:
-            folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
+        if not session.train(trainer):
             return
 
         # 5. Evaluate the kept (best) checkpoint and answer a few held-out prompts.
         final_eval = trainer.evaluate(metric_key_prefix="final")
         distributed.only_main_continues()
-        best = trainer.state.best_model_checkpoint  # None when no evaluation ran (eval_steps > max_steps)
-        best_step = int(Path(best).name.split("-")[1]) if best else trainer.state.global_step
-        FastLanguageModel.for_inference(model)
-        samples = []
-        for messages in eval_rows[:cfg.sample_prompts]:
-            prompt = messages[:next(i for i, m in enumerate(messages) if m["role"] == "assistant")]
-            samples.append((prompt[-1]["content"], generate_reply(model, tokenizer, prompt, cfg.max_new_tokens)))
+        best_step = session.best_step(trainer)
+        samples = answer_prompts(model, tokenizer, eval_rows[:cfg.sample_prompts], cfg.max_new_tokens)
 
-        # 6. Save the adapter, the manifest and the human summary (results.md last: it marks the run complete).
-        folder.save_adapter(model, tokenizer)
-        throughput = recorder.summary()
-        folder.write_json("manifest.json", manifest(
-            RECIPE, hardware, cfg.seed, data, precision_of(model), optimizer=optimizer_that_ran(trainer),
-            batching=batching, token_budget=budget,
-            batch=distributed.batch_layout(cfg.per_device_train_batch_size, accumulation), best_step=best_step,
-            best_eval_loss=trainer.state.best_metric, final_eval_loss=final_eval["final_loss"],
-            **throughput))
-        folder.write_results(results_markdown(cfg, data, recorder.records, best_step, final_eval, throughput, samples),
-                             loss_curves={"": recorder.records})
-        print(f"done: kept step {best_step} (eval loss {final_eval['final_loss']:.4f}); results in {folder.path}")
-        print_summary(RECIPE, folder.path, throughput, recorder.records)
+        # 6. Save the adapter, the run's record and results.md (last: it marks the run complete).
+        figures = dict(best_step=best_step, best_eval_loss=trainer.state.best_metric,
+                       final_eval_loss=final_eval["final_loss"])
+        print(f"done: kept step {best_step} (eval loss {final_eval['final_loss']:.4f}); results in {session.folder.path}")
+        session.finish(model, tokenizer, trainer, data,
+               results_markdown(cfg, data, session.recorder, best_step, final_eval, samples), **figures)
 
 
-def results_markdown(cfg, data, records, best_step, final_eval, throughput, samples) -> str:
-    evals = [r for r in records if "eval_loss" in r and "eval_loss_moving_avg" in r]
-    lines = [f"# {RECIPE}: Llama-3-8B-Instruct LoRA on FineTome", "",
+def results_markdown(cfg, data, recorder, best_step, final_eval, samples) -> str:
+    evals = [r for r in recorder.records if "eval_loss" in r and "eval_loss_moving_avg" in r]
+    lines = [f"# {RECIPE}: Llama-3-8B-Instruct LoRA on {data['source']}", "",
              f"- data: {data['source']} - {data['report']}; train {data['train']:,}, eval {data['eval']:,}",
              f"- kept checkpoint: step {best_step} (lowest eval loss); its eval loss now: {final_eval['final_loss']:.4f}",
-             f"- median step time {fmt(throughput['median_step_time_s'], 's')}, {fmt(throughput['tokens_per_s'], ' tokens/s')}, "
-             f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], ' GiB')}{per_gpu(throughput)}", "",
+             throughput_line(recorder.summary()), "",
              f"| step | eval loss | moving average ({cfg.moving_average_window}) | kept |", "|---:|---:|---:|:---:|"]
     for entry in evals:
         kept = "yes" if entry["step"] == best_step else ""
@@ -195,10 +125,6 @@ def results_markdown(cfg, data, records, best_step, final_eval, throughput, samp
     for question, answer in samples:
         lines += [f"**Prompt:** {question}", "", f"**Answer:** {answer or '(empty)'}", ""]
     return "\n".join(lines)
-
-
-def fmt(value, unit: str) -> str:
-    return "n/a" if value is None else f"{value:,.2f}{unit}"
 
 
 if __name__ == "__main__":

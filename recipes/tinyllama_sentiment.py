@@ -18,22 +18,17 @@ import torch
 from datasets import Dataset
 from sklearn.dummy import DummyClassifier
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 from unsloth import FastLanguageModel
 
 from common import distributed
-from common.callbacks import MetricsRecorder, StopOnRequest
 from common.chat import generate_reply, set_chat_template
-from common.config import parse
 from common.data import drop_too_long, read_rows, split_train_eval
 from common.errors import UserError, run_main
-from common.hardware import detect, precision_of, reset_peak_memory, training_precision_flags
 from common.model import load_model, quantization_in_use
-from common.outputs import RunFolder, manifest, optimizer_that_ran
-from common.report import loggers, per_gpu, print_summary
-from common.smoke import tiny_model
+from common.report import number, throughput_line
+from common.session import base_model, start, trainer_arguments
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "tweet_sentiment_sample.jsonl"
@@ -79,16 +74,10 @@ SMOKE = dict(data=str(SAMPLE_DATA), per_device_train_batch_size=8, gradient_accu
 
 
 def main(argv=None):
-    cfg, run = parse(Config, argv, smoke=SMOKE)
-    distributed.start()  # under torchrun (--gpus N): one process a GPU, rank 0 writes the run folder
-    hardware = detect(run.precision)
-    accumulation = distributed.accumulation_per_rank(cfg.gradient_accumulation_steps, run.scale_batch)
-    set_seed(cfg.seed)
-    folder = RunFolder.reopen(run.resume) if run.resume else RunFolder.create(RECIPE, run.output_dir)
-    with folder:
-        folder.write_config(cfg, run, system_prompt=SYSTEM_PROMPT)  # chat and export answer as trained
-        print(f"run folder: {folder.path}  (gpu={hardware.gpu_name or 'none'}, precision={hardware.precision})")
-
+    # the system prompt goes into run.json now: a checkpoint of a stopped run chats and exports as trained
+    session = start(RECIPE, Config, argv, SMOKE, chat_data=False, system_prompt=SYSTEM_PROMPT)
+    cfg = session.cfg
+    with session.folder:
         # 1. Data first (the smoke tokenizer is trained on it): labelled splits and their class balance.
         splits = load_splits(cfg.data, cfg.hub_config, cfg.holdout_fraction, cfg.seed)
         train_rows = balanced(splits["train"], cfg.seed) if cfg.balance else splits["train"]
@@ -101,13 +90,12 @@ def main(argv=None):
                 "test": len(test_rows)}
         print("labels: " + "; ".join(f"{split} {dict(c)}" for split, c in data["label_counts"].items()))
 
-        # 2. The 4-bit base model in TinyLlama-Chat's template, LoRA on the attention projections.
-        if run.smoke:  # the tokenizer learns the label words as the real one knows them: whole tokens
-            with distributed.main_first():
-                cfg.model_name = tiny_model("zephyr", [{"text": SYSTEM_PROMPT}] + [
-                    {"text": row["text"], "answer": LABELS[row["label"]]} for rows in splits.values() for row in rows],
-                    folder=folder.smoke_base)
-        model, tokenizer = load_model(cfg.model_name, cfg.max_seq_length, hardware.precision, cfg.load_in_4bit)
+        # 2. The 4-bit base model in TinyLlama-Chat's template, LoRA on the attention projections. --smoke: the
+        #    tokenizer learns the label words as the real one knows them, whole tokens.
+        model_name = base_model(session, "zephyr", lambda: [{"text": SYSTEM_PROMPT}] + [
+            {"text": row["text"], "answer": LABELS[row["label"]]} for rows in splits.values() for row in rows])
+        model, tokenizer = load_model(model_name, cfg.max_seq_length, session.hardware.precision, cfg.load_in_4bit,
+                                      target_modules=cfg.target_modules)
         tokenizer = set_chat_template(tokenizer, cfg.chat_template)
         model = FastLanguageModel.get_peft_model(
             model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
@@ -123,43 +111,14 @@ def main(argv=None):
         dropped = Counter()
         train_set = sft_dataset(train_rows, tokenizer, cfg.max_seq_length, dropped)
         data.update(train=len(train_set), dropped={reason: n for reason, n in dropped.items() if n})
-        recorder = MetricsRecorder(folder.metrics)
-        stop = StopOnRequest(run.stop_after_step)  # --stop-after-step, or SIGTERM / Ctrl-C: a checkpoint, then STOPPED
         trainer = SFTTrainer(
-            model=model,
-            processing_class=tokenizer,
-            train_dataset=train_set,
+            model=model, processing_class=tokenizer, train_dataset=train_set,
             eval_dataset=sft_dataset(splits["validation"][:cfg.max_eval_samples], tokenizer, cfg.max_seq_length),
-            callbacks=[recorder, stop],
-            args=SFTConfig(
-                output_dir=str(folder.checkpoints),
-                max_length=cfg.max_seq_length,
-                completion_only_loss=True,
-                per_device_train_batch_size=cfg.per_device_train_batch_size,
-                per_device_eval_batch_size=cfg.per_device_train_batch_size,
-                gradient_accumulation_steps=accumulation,
-                learning_rate=cfg.learning_rate,
-                warmup_steps=cfg.warmup_steps,
-                lr_scheduler_type=cfg.lr_scheduler_type,
-                max_steps=cfg.max_steps,
-                optim=cfg.optim,
-                eval_strategy="steps",
-                eval_steps=cfg.eval_steps,
-                save_strategy="steps",
-                save_steps=cfg.eval_steps,
-                save_total_limit=1,  # the latest checkpoint is all --resume needs
-                logging_steps=1,
-                seed=cfg.seed,
-                data_seed=cfg.seed,
-                report_to=loggers(run.report_to, folder.path / "tensorboard"),
-                **training_precision_flags(hardware.precision),
-            ),
-        )
-        recorder.count_tokens_of(trainer)
-        reset_peak_memory()
-        trainer.train(resume_from_checkpoint=folder.last_checkpoint() if run.resume else None)
-        if trainer.state.global_step < cfg.max_steps or stop.signal:
-            folder.mark_stopped(trainer.state.global_step, RECIPE, stop.signal)
+            args=trainer_arguments(session, SFTConfig, completion_only_loss=True, eval_strategy="steps",
+                                   per_device_eval_batch_size=cfg.per_device_train_batch_size,
+                                   save_steps=cfg.eval_steps,
+                                   save_total_limit=1))  # the latest checkpoint is all --resume needs
+        if not session.train(trainer):
             return
         distributed.only_main_continues()
 
@@ -169,25 +128,19 @@ def main(argv=None):
         metrics = {"majority_baseline": majority_baseline(splits["train"], test_rows),
                    "zero_shot": zero_shot, "fine_tuned": fine_tuned}
 
-        # 6. Save the adapter, every test prediction (so the score can be audited), metrics.json, the manifest and
-        #    the summary (results.md last: it marks the run complete).
-        folder.save_adapter(model, tokenizer)
+        # 6. Every test prediction (so the score can be audited), metrics.json, then the adapter, the run's record and
+        #    results.md (last: it marks the run complete).
         predictions = [{"text": row["text"], "label": LABELS[row["label"]], **before, **after}
                        for row, before, after in zip(test_rows, zero_shot_rows, fine_tuned_rows)]
-        (folder.path / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
-        folder.write_json("metrics.json", metrics)
-        throughput = recorder.summary()
-        folder.write_json("manifest.json", manifest(
-            RECIPE, hardware, cfg.seed, data, precision_of(model), system_prompt=SYSTEM_PROMPT,
-            quantization=quantization_in_use(model), optimizer=optimizer_that_ran(trainer),
-            zero_shot_macro_f1=zero_shot["constrained"]["macro_f1"],
-            fine_tuned_macro_f1=fine_tuned["constrained"]["macro_f1"],
-            batch=distributed.batch_layout(cfg.per_device_train_batch_size, accumulation), **throughput))
-        folder.write_results(results_markdown(cfg, data, metrics, throughput), loss_curves={"": recorder.records})
+        (session.folder.path / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        session.folder.write_json("metrics.json", metrics)
         print(f"done: macro-F1 zero-shot {zero_shot['constrained']['macro_f1']:.4f}, fine-tuned "
               f"{fine_tuned['constrained']['macro_f1']:.4f}, majority class "
-              f"{metrics['majority_baseline']['macro_f1']:.4f}; results in {folder.path}")
-        print_summary(RECIPE, folder.path, throughput, recorder.records)
+              f"{metrics['majority_baseline']['macro_f1']:.4f}; results in {session.folder.path}")
+        session.finish(model, tokenizer, trainer, data, results_markdown(cfg, data, metrics, session.recorder.summary()),
+                       system_prompt=SYSTEM_PROMPT, quantization=quantization_in_use(model),
+                       zero_shot_macro_f1=zero_shot["constrained"]["macro_f1"],
+                       fine_tuned_macro_f1=fine_tuned["constrained"]["macro_f1"])
 
 
 def load_splits(source: str, hub_config: str, holdout_fraction: float, seed: int) -> dict[str, list[dict]]:
@@ -338,16 +291,14 @@ def results_markdown(cfg, data, metrics, throughput) -> str:
                           for m in constrained.values()), baseline["per_class"][word]["support"]] for word in LABELS]
     confusion = [[word, *(m["confusion_matrix"][i][j] for m in constrained.values() for j in range(len(LABELS)))]
                  for i, word in enumerate(LABELS)]
-    free = [[name, f["rows"], f"{f['parse_rate']:.1%}", f"{f['exact_word_rate']:.1%}", fmt(f.get("macro_f1"), ".4f")]
+    free = [[name, f["rows"], f"{f['parse_rate']:.1%}", f"{f['exact_word_rate']:.1%}", number(f.get("macro_f1"), "", 4)]
             for name, f in ((name, m["free_generation"]) for name, m in runs.items())]
     source = f"{data['source']} ({data['hub_config']})" if data["hub_config"] else data["source"]
     return "\n".join([
         f"# {RECIPE}: TinyLlama-1.1B-Chat QLoRA, tweet sentiment by macro-F1", "",
         f"- data: {source}; trained on {data['train']:,} tweets (balance: {data['balance']}; dropped: "
         f"{data['dropped'] or 'none'}) for {cfg.max_steps} steps; {data['test']:,} test tweets",
-        f"- median step time {fmt(throughput['median_step_time_s'], '.2f', ' s')}, "
-        f"{fmt(throughput['tokens_per_s'], ',.0f', ' tokens/s')}, "
-        f"peak GPU memory {fmt(throughput['peak_gpu_memory_gib'], '.2f', ' GiB')}{per_gpu(throughput)}",
+        throughput_line(throughput),
         "- every test tweet with its label and predictions: predictions.jsonl; every number: metrics.json", "",
         *table(["split", *LABELS], [[split, *(n[w] for w in LABELS)] for split, n in data["label_counts"].items()]),
         "", "## Test split, constrained choice (the most likely of the three answers)", "",
@@ -368,10 +319,6 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     cells = [[f"{cell:,}" if isinstance(cell, int) else str(cell) for cell in row] for row in rows]
     return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
             *("| " + " | ".join(row) + " |" for row in cells)]
-
-
-def fmt(value, spec: str, unit: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def test_two_processes_write_one_run_with_the_cards_effective_batch(two_process_
     assert [step for step, _ in steps] == list(range(1, STEPS + 1))  # one metrics line a step, not one a rank
     assert all(math.isfinite(loss) for _, loss in steps)
     assert (folder / "adapter" / "adapter_model.safetensors").is_file() and (folder / "results.md").is_file()
-    assert "on 2 GPUs together" in (folder / "results.md").read_text()
+    assert "on 2 CPU processes together" in (folder / "results.md").read_text()
     assert result.stdout.count("done: kept step") == 1  # rank 1's output is silenced
 
 
