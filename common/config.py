@@ -90,18 +90,18 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _convert(value, annotation, flag: str):
+def convert(value, annotation, flag: str):
     """Turn a flag's text (or a YAML/JSON value) into the field's type; a bad value is a one-line UserError."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        return _convert(value, options[0], flag)
+        return convert(value, options[0], flag)
     if origin in (list, tuple):
         (item_type, *_) = typing.get_args(annotation) or (str,)
         items = value.split(",") if isinstance(value, str) else list(value)
-        return [_convert(item.strip() if isinstance(item, str) else item, item_type, flag) for item in items if item != ""]
+        return [convert(item.strip() if isinstance(item, str) else item, item_type, flag) for item in items if item != ""]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -122,7 +122,7 @@ def _apply(target, values: dict, source: str):
     for name, value in values.items():
         if name not in hints:
             raise UserError(f"{source}: unknown field {name!r}; see --help for the fields")
-        setattr(target, name, _convert(value, hints[name], f"{source}: {name}" if source != "flags" else _flag(name)))
+        setattr(target, name, convert(value, hints[name], f"{source}: {name}" if source != "flags" else _flag(name)))
 
 
 def _split_fields(values: dict, known: set[str], source: str) -> tuple[dict, dict]:

@@ -11,6 +11,7 @@ adapter/         the trained LoRA adapter and tokenizer (written last, atomicall
 loss.png         train and eval loss against step, shown in results.md
 results.md       the human summary; present only when the run completed
 """
+import contextlib
 import dataclasses
 import json
 import platform
@@ -155,6 +156,8 @@ class RunFolder:
         if isinstance(error, UserError) and self.created and not self.checkpoint_folders():
             if distributed.is_main():  # the user's input was wrong: nothing ran that a folder should keep
                 shutil.rmtree(self.path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # outputs/<recipe>/, when this was its first run
             return False
         if isinstance(error, KeyboardInterrupt):
             reason = f"interrupted; continue with --resume {self.path}"

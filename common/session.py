@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
 from transformers import set_seed
@@ -22,7 +23,7 @@ from transformers import set_seed
 from common import distributed, record
 from common.batching import check_token_budget, pass_budget, settle_batching
 from common.callbacks import MetricsRecorder, StopOnRequest
-from common.config import RunOptions, parse, usage_name
+from common.config import RunOptions, convert, parse, usage_name
 from common.data import check_data_source
 from common.errors import UserError
 from common.hardware import Hardware, detect, precision_of, reset_peak_memory, training_precision_flags
@@ -164,11 +165,23 @@ def trainer_arguments(session: Session, config_class, **recipe_values):
     if "max_length" in fields and hasattr(cfg, "max_seq_length"):
         values["max_length"] = cfg.max_seq_length
     values.update(recipe_values)
-    values.update(session.run.trainer_fields)
+    hints = typing.get_type_hints(config_class)
+    for name, value in session.run.trainer_fields.items():
+        values[name] = trainer_value(value, hints[name], name)
     try:
         return config_class(**values)
     except (TypeError, ValueError) as error:
         raise UserError(f"the trainer's arguments: {str(error).splitlines()[0]}") from None
+
+
+def trainer_value(value, annotation, name: str):
+    """A flag's text as the trainer's field type where that is a number or a switch (Optional too); other types (a
+    scheduler name, a list of loggers) take the text as it is, as TRL's own parser does."""
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_args(annotation) else [annotation]
+    simple = [a for a in options if a in (bool, int, float)]
+    if not isinstance(value, str) or len(simple) != len(options):
+        return value
+    return None if value.lower() in ("none", "null") else convert(value, simple[0], f"--{name.replace('_', '-')}")
 
 
 def step_line(batching: dict) -> str:

@@ -1,39 +1,17 @@
-"""common.batching: the SFTConfig batch arguments it yields, the Unsloth token budget it sets only while a trainer is
-built, how --token-budget card|auto|N sizes a pass, and how ranks are made to agree on a step's number of passes."""
-import os
-
+"""common.batching: how a step's rows reach the trainer (the card's micro-batches, or one micro-batch that Unsloth runs
+as passes within the token budget), how --token-budget card|auto|N sizes a pass, and how ranks are made to agree on a
+step's number of passes (common.unsloth_internals)."""
 import pytest
 
 import torch
 
-from common import batching
-from common.batching import TOKEN_BUDGET_VARIABLE, pass_budget, token_budget_batches
+from common import batching, unsloth_internals
+from common.batching import pass_budget, settle_batching
 from common.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def no_budget_set(monkeypatch):
-    monkeypatch.delenv(TOKEN_BUDGET_VARIABLE, raising=False)
-
-
-def test_a_step_is_one_micro_batch_run_as_passes_of_the_cards_rows_at_full_length():
-    with token_budget_batches(2, 8, 2 * 1024) as batches:  # llama3_8b's card: 2 rows of 1024 tokens a pass, 8 passes
-        assert batches == {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1}
-        assert os.environ[TOKEN_BUDGET_VARIABLE] == "2048"
-    assert TOKEN_BUDGET_VARIABLE not in os.environ
-
-
-def test_a_budget_set_before_is_restored_even_when_building_the_trainer_fails(monkeypatch):
-    monkeypatch.setenv(TOKEN_BUDGET_VARIABLE, "512")
-    with pytest.raises(RuntimeError), token_budget_batches(2, 4, 4096):
-        assert os.environ[TOKEN_BUDGET_VARIABLE] == "4096"
-        raise RuntimeError("the trainer could not be built")
-    assert os.environ[TOKEN_BUDGET_VARIABLE] == "512"
-
-
 def tiny_trainer(tmp_path, **config):
-    """An SFTTrainer on a tiny Llama, built as the chat recipes build theirs: the card's 2 rows x 4 steps as one
-    micro-batch of 8, to be run as passes of at most 2 x 256 tokens."""
+    """An SFTTrainer on a tiny Llama, built as the chat recipes build theirs: the card's 2 rows x 4 accumulation."""
     import unsloth  # noqa: F401
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
@@ -45,10 +23,9 @@ def tiny_trainer(tmp_path, **config):
                                                          max_seq_length=256, load_in_4bit=False)
     tokenizer = set_chat_template(tokenizer, "llama-3")
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    with token_budget_batches(2, 4, 2 * 256) as batches:
-        return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=conversation_dataset([conversation] * 16),
-                          args=SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", max_length=256,
-                                         **batches, **config))
+    return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=conversation_dataset([conversation] * 16),
+                      args=SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none", max_length=256,
+                                     per_device_train_batch_size=2, gradient_accumulation_steps=4, **config))
 
 
 def rows_per_batch(trainer) -> list[int]:
@@ -56,16 +33,20 @@ def rows_per_batch(trainer) -> list[int]:
             for batch in trainer.get_train_dataloader()]
 
 
-def test_without_unsloths_split_a_step_goes_back_to_the_cards_micro_batches(tmp_path, capsys):
-    from common.batching import settle_batching
+def test_without_unsloths_split_a_step_stays_the_cards_micro_batches(tmp_path, capsys):
     trainer = tiny_trainer(tmp_path)
-    assert trainer.args.per_device_train_batch_size == 8
+    budget = pass_budget("card", None, 2, 4, 256, "fp32")
     # Unsloth's CPU backend installs no token budget: one pass would hold all 8 rows of a step.
-    assert settle_batching(trainer, 2, 4) == "card micro-batches"
+    settled = settle_batching(trainer, 2, 4, budget)
+    assert settled["batching"] == "card micro-batches" and settled["token_budget"] == budget
+    assert settled["batch"] == {"world_size": 1, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                                "effective_batch": 8}
     assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (2, 4)
+    assert not getattr(trainer, "_unsloth_token_budget_installed", False)
     assert rows_per_batch(trainer) == [2] * 8
-    assert "the card's micro-batches, 2 rows x 4 accumulation steps: this Unsloth backend does not split" in \
+    assert "the card's micro-batches, 2 rows x 4 accumulation steps: Unsloth's CPU backend does not split" in \
         capsys.readouterr().out
+    assert settle_batching(trainer, 2, 4, None)["batching"] == "card micro-batches"  # a recipe without a budget
 
 
 def test_card_and_a_number_set_the_pass_and_bad_settings_are_one_line():
@@ -126,8 +107,8 @@ def test_a_rank_with_fewer_passes_cuts_its_largest_until_the_counts_agree(monkey
 
     def all_reduce_max(tensor, op):  # another rank needs this many passes for its rows of the step
         tensor.fill_(max(int(tensor), other_rank_passes))
-    monkeypatch.setattr(batching.dist, "all_reduce", all_reduce_max)
-    split = batching.agreeing(unsloths_splitter())
+    monkeypatch.setattr(unsloth_internals.dist, "all_reduce", all_reduce_max)
+    split = unsloth_internals.agreeing(unsloths_splitter())
     batch = padding_free_batch([300, 200, 400, 100])
     passes = split(batch, 512)
     assert [p["input_ids"].shape[1] for p in passes] == [300, 200, 400, 100]  # its own 2 passes (500, 500) cut to 4

@@ -14,13 +14,15 @@ from safetensors.torch import load_file
 from common.data import read_rows
 from common.errors import UserError
 from common.smoke import tiny_model
-from recipes.llama31_8b_qlora import (LLAMA31_8B_CONFIG, SAMPLE_DATA, TARGETS, VARIANTS, chosen_rank, lora_alpha_for,
+from recipes.llama31_8b_qlora import (LLAMA31_8B_CONFIG, SAMPLE_DATA, Config, VARIANTS, chosen_rank, lora_alpha_for,
                                       lora_parameter_count, main, parameter_counts, relative_gain)
 from tests.conftest import cpu_training_precision, read_jsonl, run_to_completion
 
 RECIPE = "llama31_8b_qlora"
 ATTENTION = ["k_proj", "o_proj", "q_proj", "v_proj"]
 MLP = ["down_proj", "gate_proj", "up_proj"]
+CARD_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+EVERY_PROJECTION = CARD_TARGETS + ("gate_proj", "up_proj", "down_proj")
 
 
 def run_smoke(tmp_path_factory, name, *args):
@@ -37,7 +39,7 @@ def sweep_run(tmp_path_factory):
     # --min-gain 1 (100%): a doubling would have to bring eval loss to zero to pay that much, so the sweep must stop
     # after training rank 8 and keep rank 4, whatever the two eval losses are. --max-steps 2 --eval-steps 2: one
     # evaluation per rank, at step 2, so step 2 is each rank's best.
-    return run_smoke(tmp_path_factory, "sweep", "--variant", "base", "--targets", "mlp", "--rank-sweep", "4,8,16",
+    return run_smoke(tmp_path_factory, "sweep", "--variant", "base", "--target-modules", ",".join(MLP), "--rank-sweep", "4,8,16",
                      "--min-gain", "1", "--max-steps", "2", "--eval-steps", "2")
 
 
@@ -81,7 +83,7 @@ def test_smoke_run_trains_the_card_defaults(smoke_run, tiny_config):
     assert kept.keys() == saved.keys() and all(torch.equal(kept[k], saved[k]) for k in kept)
     # The estimate's LoRA arithmetic on the tiny model's config equals what the run trained and saved (fp32 on CPU).
     _, tiny = tiny_config
-    expected = lora_parameter_count(tiny, 8, TARGETS["attention"])
+    expected = lora_parameter_count(tiny, 8, CARD_TARGETS)
     assert manifest["trainable_parameters"] == expected == sum(t.numel() for t in saved.values())
     assert manifest["adapter_mb"] == pytest.approx(expected * 4 / 1e6, abs=0.02)
     results = (folder / "results.md").read_text()
@@ -137,22 +139,20 @@ def test_a_min_gain_of_one_keeps_the_first_rank():
     assert chosen_rank([4, 8, 16], [2.0, 0.0], 1.0) is None
 
 
-def test_alpha_follows_rank_unless_given():
-    assert [lora_alpha_for(rank, None) for rank in (8, 16, 32, 64)] == [16, 32, 64, 128]
-    assert lora_alpha_for(64, 16) == 16
-
-
-def test_targets_name_the_llama_modules():
-    assert TARGETS["attention"] == ("q_proj", "k_proj", "v_proj", "o_proj")
-    assert TARGETS["mlp"] == ("gate_proj", "up_proj", "down_proj")
-    assert set(TARGETS["all"]) == set(TARGETS["attention"]) | set(TARGETS["mlp"]) and len(TARGETS["all"]) == 7
+def test_alpha_keeps_the_cards_ratio_to_the_rank():
+    card = Config()
+    assert (card.lora_r, card.lora_alpha, card.target_modules) == (8, 16, CARD_TARGETS)
+    assert [lora_alpha_for(rank, card) for rank in (8, 16, 32, 64)] == [16, 32, 64, 128]
+    assert lora_alpha_for(64, Config(lora_r=8, lora_alpha=8)) == 64  # alpha = rank given: each swept rank keeps it
 
 
 @pytest.mark.parametrize("variant", ["instruct", "base"])
 def test_loss_falls_on_the_replies_only(variant, tiny_config):
     from transformers import AutoTokenizer
     from unsloth import get_chat_template, train_on_responses_only
-    _, template, user_marker, reply_marker = VARIANTS[variant]
+    from common.chat import TURN_MARKERS
+    _, template = VARIANTS[variant]
+    user_marker, reply_marker = TURN_MARKERS[template]
     tokenizer = get_chat_template(AutoTokenizer.from_pretrained(tiny_config[0]), chat_template=template)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is LoRA?"},
                 {"role": "assistant", "content": "Low-rank adapters."}, {"role": "user", "content": "And QLoRA?"},
@@ -180,15 +180,16 @@ def test_parameter_count_matches_hand_computation():
                   "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True, "head_dim": 64}
     assert parameter_counts(llama32_1b)[0] == 1_235_814_400  # Llama-3.2-1B's published count: tied embeddings
     # Unsloth's notebooks print these trainable counts for Llama-3.x-8B: r=8 on q,k,v,o and r=16 on every projection.
-    assert lora_parameter_count(LLAMA31_8B_CONFIG, 8, TARGETS["attention"]) == 6_815_744
-    assert lora_parameter_count(LLAMA31_8B_CONFIG, 16, TARGETS["all"]) == 41_943_040
+    assert lora_parameter_count(LLAMA31_8B_CONFIG, 8, CARD_TARGETS) == 6_815_744
+    assert lora_parameter_count(LLAMA31_8B_CONFIG, 16, EVERY_PROJECTION) == 41_943_040
 
 
 def test_estimate_memory_reads_a_local_config_and_writes_nothing(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({**LLAMA31_8B_CONFIG, "model_type": "llama"}))
-    main(["--estimate-memory", "--model-name", str(model), "--targets", "all", "--rank-sweep", "8,16",
+    main(["--estimate-memory", "--model-name", str(model), "--target-modules", ",".join(EVERY_PROJECTION),
+          "--lora-alpha", "16", "--rank-sweep", "8,16",
           "--output-dir", str(tmp_path / "outputs")])
     printed = capsys.readouterr().out
     assert f"from {model / 'config.json'}" in printed
@@ -220,9 +221,9 @@ def test_estimate_memory_offline_falls_back_to_the_builtin_config(monkeypatch, c
 
 @pytest.mark.parametrize("flags, message", [
     (["--variant", "chat"], "--variant chat: use one of instruct, base"),
-    (["--targets", "qkv"], "--targets qkv: use one of attention, mlp, all"),
+    (["--target-modules", "qkv"], "--target-modules qkv: llama has no such layer"),
     (["--rank-sweep", "16,8"], "--rank-sweep 16,8: ranks must be positive and increasing"),
-    (["--lora-r", "0"], "--lora-r 0: ranks must be positive"),
+    (["--lora-r", "0"], "--lora-r 0: must be at least 1"),
     (["--rank-sweep", "8,16", "--stop-after-step", "2"], "not on a --rank-sweep"),
     (["--eval-steps", "50", "--max-steps", "10"], "no checkpoint to keep"),
 ])

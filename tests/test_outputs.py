@@ -105,9 +105,10 @@ def test_config_and_manifest_record_what_reproduces_the_run(tmp_path):
         learning_rate: float = 1e-4
 
     folder = RunFolder.create("demo", str(tmp_path))
-    folder.write_config(Card(), RunOptions(smoke=True))
+    folder.write_config(Card(), RunOptions(smoke=True), "demo")
     saved = json.loads((folder.path / "config.json").read_text())
     assert saved["hyperparameters"] == {"learning_rate": 1e-4} and saved["run"]["smoke"] is True
+    assert saved["recipe"] == "demo"
     data_file = tmp_path / "d.jsonl"
     data_file.write_text("{}\n")
     record = manifest("demo", Hardware("NVIDIA H100", "9.0", "fp32"), 7, {"source": str(data_file)}, "bf16", optimizer="x")
@@ -126,17 +127,14 @@ def test_config_and_manifest_record_what_reproduces_the_run(tmp_path):
     assert record["packages"]["python"] == "{}.{}.{}".format(*sys.version_info[:3])
 
 
-def test_report_to_checks_each_logger_and_sends_tensorboard_into_the_run(tmp_path, monkeypatch):
+def test_report_to_checks_each_logger(monkeypatch):
     import importlib.util
-    import os
 
     from common.report import loggers
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    assert loggers("none", tmp_path / "tb") == ["none"] and "TENSORBOARD_LOGGING_DIR" not in os.environ
-    assert loggers("tensorboard", tmp_path / "tb") == ["tensorboard"]
-    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tb")
+    assert loggers("none") == ["none"]
+    assert loggers("tensorboard") == ["tensorboard"]
     with pytest.raises(UserError, match=r"^--report-to mlflow: use none or some of tensorboard, wandb, trackio$"):
-        loggers("mlflow", tmp_path / "tb")
+        loggers("mlflow")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"^--report-to wandb: the wandb package is not installed; pip install wandb$"):
-        loggers("wandb", tmp_path / "tb")
+        loggers("wandb")
