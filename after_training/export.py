@@ -10,7 +10,9 @@ gguf      EXPORT_DIR/gguf/: one file per --quantization through llama.cpp's conv
 
 EXPORT_DIR is RUN_DIR/export unless --export-dir says otherwise. Each export is written under a temporary name and
 renamed when complete: a folder named adapter, merged16 or gguf is whole. An export already there for the same adapter
-is reused. The free disk is checked before writing; a failed export removes what it wrote and says why in one line.
+is reused, and a GGUF export adds the quantizations not there yet to it; an export of another adapter is replaced, and
+the export says so. The free disk is checked before writing; a failed export removes what it wrote and says why in one
+line.
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers and PEFT on import)
 
@@ -109,8 +111,10 @@ def export_merged16(run: TrainedRun, precision: str, target: Path, gguf_factor: 
     return {"seconds": time.perf_counter() - started, "peak_gpu_memory_gib": peak_memory_gib()}
 
 
-def export_gguf(run: TrainedRun, merged: Path, quantizations: list[str], target: Path, pre_tokenizer: str | None):
-    """One GGUF per quantization from the merged16 folder, and a Modelfile for the first of them."""
+def export_gguf(run: TrainedRun, merged: Path, quantizations: list[str], target: Path, pre_tokenizer: str | None,
+                kept: list[str]):
+    """One GGUF per quantization from the merged16 folder beside the `kept` ones of this adapter's earlier export (its
+    f16 file, when kept, saves the conversion), and a Modelfile for the first quantization asked for."""
     from transformers import AutoTokenizer
     gguf.check_tools()
     if pre_tokenizer is None and run.smoke:
@@ -118,26 +122,53 @@ def export_gguf(run: TrainedRun, merged: Path, quantizations: list[str], target:
         pre_tokenizer = SMOKE_PRE_TOKENIZER.get(model_type)
     log = target.parent / "gguf.log"
     log.unlink(missing_ok=True)
+    new = [quantization for quantization in quantizations if quantization not in kept]
     timings = {}
     with written_whole(target) as staging:
-        f16 = staging / f"{run.recipe}-f16.gguf"
-        started = time.perf_counter()
-        gguf.convert(merged, f16, log, pre_tokenizer)
-        timings["f16"] = time.perf_counter() - started
-        for quantization in quantizations:
+        for quantization in kept:
+            carry_over(gguf_file(target, run, quantization), gguf_file(staging, run, quantization))
+        f16 = gguf_file(staging, run, "f16")
+        if "f16" not in kept:
+            started = time.perf_counter()
+            gguf.convert(merged, f16, log, pre_tokenizer)
+            timings["f16"] = time.perf_counter() - started
+        for quantization in new:
             if quantization != "f16":
                 started = time.perf_counter()
-                gguf.quantize(f16, staging / f"{run.recipe}-{quantization}.gguf", quantization, log)
+                gguf.quantize(f16, gguf_file(staging, run, quantization), quantization, log)
                 timings[quantization] = time.perf_counter() - started
-        if "f16" not in quantizations:
+        if "f16" not in kept + quantizations:
             f16.unlink()
-        for quantization in quantizations:  # a file llama.cpp cannot load (a wrong pre-tokenizer, say) is no export
-            gguf.check_loads(staging / f"{run.recipe}-{quantization}.gguf", log)
+        for quantization in new:  # a file llama.cpp cannot load (a wrong pre-tokenizer, say) is no export
+            gguf.check_loads(gguf_file(staging, run, quantization), log)
+        held = [gguf_file(staging, run, name).name for name in gguf.QUANTIZATIONS if name in kept + quantizations]
         tokenizer = AutoTokenizer.from_pretrained(merged)
-        (staging / "Modelfile").write_text(modelfile(f"{run.recipe}-{quantizations[0]}.gguf", tokenizer,
-                                                     run.system_prompt))
-        (staging / "README.md").write_text(model_card(run, "gguf"))
+        first = gguf_file(staging, run, quantizations[0]).name
+        others = ", ".join(f"./{name}" for name in held if name != first)
+        (staging / "Modelfile").write_text(modelfile(first, tokenizer, run.system_prompt)
+                                           + (f"\n# The other GGUF files here, for FROM: {others}\n" if others else ""))
+        (staging / "README.md").write_text(model_card(run, "gguf", held))
     return timings
+
+
+def gguf_file(folder: Path, run: TrainedRun, quantization: str) -> Path:
+    return folder / f"{run.recipe}-{quantization}.gguf"
+
+
+def kept_quantizations(folder: Path, run: TrainedRun) -> list[str]:
+    """The GGUF files of this adapter's earlier export in `folder`, which a new GGUF export keeps."""
+    if not holds_export_of(folder, run):
+        return []
+    return [name for name in gguf.QUANTIZATIONS if gguf_file(folder, run, name).is_file()]
+
+
+def carry_over(source: Path, destination: Path):
+    """A file of the earlier export into the staging folder. A hard link takes neither disk nor time, and the earlier
+    folder stays whole should this export fail; a filesystem without hard links gets a copy."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def merged16_bytes(model) -> int:
@@ -150,10 +181,10 @@ def merged16_bytes(model) -> int:
     return total
 
 
-def gguf_factor(quantizations: list[str]) -> float:
-    """The GGUF files take about this many times merged16's size: the f16 file (always written first, since the
-    quantizer starts from it) and each quantization at its bits per weight."""
-    return 1 + sum(gguf.QUANTIZATIONS[name] / 16 for name in quantizations if name != "f16")
+def gguf_factor(quantizations: list[str], f16_kept: bool) -> float:
+    """The GGUF files take about this many times merged16's size: the f16 file (written first unless an earlier export
+    kept it, since the quantizer starts from it) and each quantization at its bits per weight."""
+    return (0 if f16_kept else 1) + sum(gguf.QUANTIZATIONS[name] / 16 for name in quantizations if name != "f16")
 
 
 def check_free_space(folder: Path, needed: int, what: str):
@@ -170,8 +201,9 @@ def is_out_of_disk(error: BaseException) -> bool:
     return getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "no disk space" in text
 
 
-def model_card(run: TrainedRun, export_format: str) -> str:
-    """README.md for the hub: what was trained, from what, on what, and how well (from the run's manifest)."""
+def model_card(run: TrainedRun, export_format: str, files: list[str] | None = None) -> str:
+    """README.md for the hub: what was trained, from what, on what, and how well (from the run's manifest), and the
+    `files` the export holds."""
     hyperparameters = "\n".join(f"| `{name}` | `{value}` |" for name, value in run.hyperparameters.items())
     data = run.manifest.get("data", {})
     source = data.get("source", "n/a")
@@ -199,6 +231,7 @@ def model_card(run: TrainedRun, export_format: str) -> str:
         f"LoRA fine-tune of `{run.base_model if on_hub else Path(run.base_model).name}` by the `{run.recipe}` recipe, "
         f"trained with Unsloth + TRL + PEFT: {what}. {usage}", "",
         adapter_line(run),
+        *([f"- files: {', '.join(f'`{name}`' for name in files)}"] if files else []),
         f"- data: `{Path(source).name if Path(source).is_file() else source}` ({data.get('report', 'n/a')})",
         f"- system prompt: {run.system_prompt or 'none'}",
         *[f"- {key}: {value:.4g}" for key, value in metrics.items()], "",
@@ -224,10 +257,21 @@ def adapter_line(run: TrainedRun) -> str:
             f"(sha256 {digest[:16] if digest else 'n/a'})")
 
 
-def holds_export_of(folder: Path, run: TrainedRun, files: list[Path] = ()) -> bool:
-    """Whether `folder` is a complete export of this run's adapter (its card says so) with every file in `files`."""
+def holds_export_of(folder: Path, run: TrainedRun) -> bool:
+    """Whether `folder` is a complete export of this run's adapter (its card says so)."""
     card = folder / "README.md"
-    return card.is_file() and adapter_line(run) in card.read_text().splitlines() and all(f.is_file() for f in files)
+    return card.is_file() and adapter_line(run) in card.read_text().splitlines()
+
+
+def say_if_replacing(folder: Path, run: TrainedRun):
+    """An export of another adapter is replaced, never deleted without a word."""
+    if not folder.exists() or holds_export_of(folder, run):
+        return
+    card = folder / "README.md"
+    lines = card.read_text().splitlines() if card.is_file() else []
+    named = next((line.removeprefix("- adapter: ") for line in lines if line.startswith("- adapter: ")), None)
+    print(f"{folder.name}: {folder} holds the export of another adapter, "
+          f"{named or 'one its model card does not name'}: replacing it")
 
 
 def check_repo_id(repo_id: str):
@@ -269,31 +313,41 @@ def main(argv=None):
         if holds_export_of(result, run):
             print(reused.format("adapter", result))
         else:
+            say_if_replacing(result, run)
             export_adapter(run, result)
             print(f"adapter: {result} ({size(folder_bytes(result))})")
     else:
         merged = exports / "merged16"
+        kept = kept_quantizations(exports / "gguf", run) if args.format == "gguf" else []
+        new = [quantization for quantization in quantizations if quantization not in kept]
         if holds_export_of(merged, run):
             print(reused.format("merged16", merged))
         else:
+            say_if_replacing(merged, run)
             figures = export_merged16(run, hardware.precision, merged,
-                                      gguf_factor(quantizations) if args.format == "gguf" else 0.0)
+                                      gguf_factor(new, "f16" in kept) if args.format == "gguf" else 0.0)
             print(f"merged16: {merged} ({size(folder_bytes(merged))}, {figures['seconds']:.0f} s"
                   + (f", peak GPU memory {figures['peak_gpu_memory_gib']:.2f} GiB)"
                      if figures["peak_gpu_memory_gib"] else ")"))
         result = merged
     if args.format == "gguf":
         result = exports / "gguf"
-        files = [result / f"{run.recipe}-{quantization}.gguf" for quantization in quantizations]
-        if holds_export_of(result, run, files):
+        if not new:
             print(reused.format("gguf", result))
         else:
-            check_free_space(exports, int(folder_bytes(merged) * gguf_factor(quantizations)), "the GGUF files")
-            timings = export_gguf(run, merged, quantizations, result, args.gguf_pre_tokenizer)
-            if "f16" not in quantizations:
+            say_if_replacing(result, run)
+            check_free_space(exports, int(folder_bytes(merged) * gguf_factor(new, "f16" in kept)), "the GGUF files")
+            timings = export_gguf(run, merged, quantizations, result, args.gguf_pre_tokenizer, kept)
+            if "f16" in kept:
+                print(f"gguf: quantized from {gguf_file(result, run, 'f16')}, kept from the earlier export")
+            elif "f16" not in quantizations:
                 print(f"gguf: converted to f16 in {timings['f16']:.0f} s (an intermediate, not kept)")
-            for quantization, file in zip(quantizations, files):
-                print(f"gguf {quantization}: {file} ({size(file.stat().st_size)}, {timings[quantization]:.0f} s)")
+            for quantization in quantizations:
+                file = gguf_file(result, run, quantization)
+                done = f"{timings[quantization]:.0f} s" if quantization in new else "already there"
+                print(f"gguf {quantization}: {file} ({size(file.stat().st_size)}, {done})")
+            if kept:
+                print(f"gguf: {result} holds {', '.join(kept_quantizations(result, run))}")
         print(f"ollama: cd {result} && ollama create {run.recipe} -f Modelfile && ollama run {run.recipe}")
     if args.push_to_hub:
         push_to_hub(result, args.push_to_hub, args.private, token)

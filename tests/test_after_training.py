@@ -215,11 +215,12 @@ def test_a_template_that_is_not_a_sequence_of_turns_is_refused():
 def test_a_failed_export_removes_what_it_wrote_and_keeps_the_last_complete_one(exported_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(exported_run, run)
+    next((run / "export" / "gguf").glob("*-f16.gguf")).unlink()  # so that the export converts again, not quantizes it
     complete = sorted(path.name for path in (run / "export" / "gguf").iterdir())
     # As a run on a real model: its tokenizer (trained here) is unknown to llama.cpp, so the converter stops.
-    config = json.loads((run / "config.json").read_text())
-    config["run"]["smoke"] = False
-    (run / "config.json").write_text(json.dumps(config))
+    record = json.loads((run / "run.json").read_text())
+    record["smoke"] = False
+    (run / "run.json").write_text(json.dumps(record))
     result = export(run, "--format", "gguf", "--quantization", "q4_k_m")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
@@ -447,3 +448,127 @@ def test_a_gguf_that_llama_cpp_cannot_load_is_not_exported(llama_run, tmp_path):
         f"llama.cpp loading llama3_8b-q8_0.gguf failed: llama_model_load: error loading model: error loading "
         f"model vocabulary: unknown pre-tokenizer type: 'not-a-pre-tokenizer' (full output in {run / 'export' / 'gguf.log'})")
     assert not (run / "export" / "gguf").exists() and not (run / "export" / "gguf.partial").exists()
+
+
+def test_a_gguf_export_adds_to_this_adapters_files_and_replaces_another_adapters(llama_run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from after_training import export as exporter
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("export"))
+    gguf_dir, log = run / "export" / "gguf", run / "export" / "gguf.log"
+    exporter.main([str(run), "--format", "gguf", "--quantization", "f16"])
+    f16 = gguf_dir / "llama3_8b-f16.gguf"
+    converted = f16.stat()
+    counted = []
+    check_free_space = exporter.check_free_space
+    monkeypatch.setattr(exporter, "check_free_space",
+                        lambda folder, needed, what: (counted.append(needed), check_free_space(folder, needed, what)))
+    capsys.readouterr()
+    exporter.main([str(run), "--format", "gguf", "--quantization", "q8_0"])
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(path.name for path in gguf_dir.iterdir()) == [
+        "Modelfile", "README.md", "llama3_8b-f16.gguf", "llama3_8b-q8_0.gguf"]
+    assert f16.stat().st_ino == converted.st_ino and f16.stat().st_mtime_ns == converted.st_mtime_ns
+    # The kept f16 file was quantized, not converted again, and only the new file was loaded back.
+    assert [line.split()[1] for line in log.read_text().splitlines() if line.startswith("$ ")] == ["quantize", "check"]
+    assert counted == [int(exporter.folder_bytes(run / "export" / "merged16") * 8.5 / 16)]  # q8_0 alone is written
+    assert f"gguf: quantized from {f16}, kept from the earlier export" in out
+    assert f"gguf: {gguf_dir} holds f16, q8_0" in out
+    assert "- files: `llama3_8b-f16.gguf`, `llama3_8b-q8_0.gguf`" in (gguf_dir / "README.md").read_text().splitlines()
+    modelfile = (gguf_dir / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./llama3_8b-q8_0.gguf\n")
+    assert modelfile.endswith("\n# The other GGUF files here, for FROM: ./llama3_8b-f16.gguf\n")
+
+    written_at = (gguf_dir / "README.md").stat().st_mtime_ns
+    exporter.main([str(run), "--format", "gguf", "--quantization", "q8_0,f16"])
+    assert f"gguf: {gguf_dir} holds this adapter's export already" in capsys.readouterr().out
+    assert (gguf_dir / "README.md").stat().st_mtime_ns == written_at
+
+    from safetensors.torch import load_file
+    trained = load_file(run / "adapter" / "adapter_model.safetensors")
+    checkpoint = next(path for path in sorted((run / "checkpoints").glob("checkpoint-*"))
+                      if any(not torch.equal(tensor, trained[name])
+                             for name, tensor in load_file(path / "adapter_model.safetensors").items()))
+    exporter.main([str(run), "--format", "gguf", "--quantization", "q8_0", "--adapter", str(checkpoint)])
+    digest = hashlib.sha256((run / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    assert (f"gguf: {gguf_dir} holds the export of another adapter, `adapter` (sha256 {digest}): replacing it"
+            in capsys.readouterr().out.splitlines())
+    assert sorted(path.name for path in gguf_dir.iterdir()) == ["Modelfile", "README.md", "llama3_8b-q8_0.gguf"]
+    assert f"- adapter: `checkpoints/{checkpoint.name}` (sha256 " in (gguf_dir / "README.md").read_text()
+
+
+def test_the_first_gguf_export_says_what_each_setup_step_does_and_shows_no_resolver_error(tmp_path):
+    """run.sh setting up llama.cpp's tools, with python and pip as stand-ins (the real build takes minutes): each step
+    says what it does, a heartbeat shows the compile working and stops with it, and pip's resolver, which reports
+    packages the CPU set leaves out as an ERROR when it checks the environment, is never asked to."""
+    import tarfile
+    repo = tmp_path / "repo"  # run.sh keeps the tools beside itself: a copy of it, so the real .export-tools stays
+    repo.mkdir()
+    for name in ("run.sh", "requirements.txt", "requirements-export.txt"):
+        shutil.copy2(REPO / name, repo / name)
+    version = next(line.split("==")[1] for line in (REPO / "requirements-export.txt").read_text().splitlines()
+                   if line.startswith("llama-cpp-python=="))
+    top = f"llama_cpp_python-{version}"
+    for path in ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py"):
+        (tmp_path / top / "vendor" / "llama.cpp" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / top / "vendor" / "llama.cpp" / path).write_text("")
+    (tmp_path / top / "PKG-INFO").write_text(
+        f"Name: llama_cpp_python\nVersion: {version}\nRequires-Dist: numpy>=1.20.0\nRequires-Dist: diskcache>=5.6.1\n"
+        'Requires-Dist: uvicorn>=0.22.0; extra == "server"\n')
+    sdist = tmp_path / f"{top}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        archive.add(tmp_path / top, arcname=top)
+    calls, built = tmp_path / "calls.log", tmp_path / "built"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text(f"""#!/bin/sh
+case "$1 $2" in
+  "-c "*llama_cpp_python*) [ -f {built} ]; exit $? ;;
+  "-c "*) exit 0 ;;
+esac
+echo "$*" >> {calls}
+case "$*" in
+  "-m pip download"*) for last; do :; done; cp {sdist} "$last" ;;
+  "-m pip install"*)
+    case "$*" in *--no-deps*) ;; *) echo "ERROR: pip's dependency resolver does not currently take into account all \
+the packages that are installed. unsloth requires xformers, which is not installed." >&2 ;; esac
+    case "$*" in *.tar.gz*) {shutil.which("sleep")} 1; touch {built} ;; esac ;;
+  "-m after_training.export"*) {shutil.which("sleep")} 0.5 ;;
+esac
+exit 0
+""")
+    (fake / "sleep").write_text(f"#!/bin/sh\nexec {shutil.which('sleep')} 0.1\n")  # the heartbeat's 30 s, shortened
+    (fake / "nvidia-smi").write_text("#!/bin/sh\n")
+    for program in ("python3", "sleep", "nvidia-smi"):
+        (fake / program).chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path)}
+    env.pop("FT_PRECISION", None)
+
+    def export_gguf():
+        return subprocess.run([str(repo / "run.sh"), "export", "RUN", "--format", "gguf"], env=env,
+                              capture_output=True, text=True, timeout=60)
+    result = export_gguf()
+    assert result.returncode == 0, result.stderr
+    assert "ERROR" not in result.stderr
+    tools = repo / ".export-tools"
+    *steps, installing = [
+        f"setting up llama.cpp's converter and quantizer (llama-cpp-python {version}, built from source) for GGUF "
+        "exports, once for this environment:",
+        f"  downloading llama-cpp-python {version}'s source package (77 MB) into {tools}",
+        f"  unpacking llama.cpp's converter (convert_hf_to_gguf.py) from it into {tools}/llama.cpp",
+        "  compiling llama.cpp into llama-cpp-python: about 11 minutes on 2 cores (this machine has ",
+        "  installing what the converter and llama-cpp-python need: sentencepiece numpy>=1.20.0 diskcache>=5.6.1"]
+    lines = result.stderr.splitlines()
+    assert [line[:len(step)] for line, step in zip(lines, steps)] == steps and lines[-1] == installing
+    heartbeat = lines[len(steps):-1]  # between the compile's start and the next step, and never after it
+    assert heartbeat and all(re.fullmatch(r"  still compiling: 0 min \d+ s so far", line) for line in heartbeat)
+    assert (tools / "llama.cpp" / "convert_hf_to_gguf.py").is_file()
+    installs = [call for call in calls.read_text().splitlines() if call.startswith("-m pip install")]
+    assert installs == [f"-m pip install -q --no-deps {tools}/{sdist.name}",
+                        f"-m pip install -q --no-deps -r {repo}/requirements-export.txt numpy>=1.20.0 diskcache>=5.6.1"]
+    assert calls.read_text().splitlines()[-1] == "-m after_training.export RUN --format gguf"
+
+    calls.unlink()
+    again = export_gguf()  # set up once: the next export goes straight on
+    assert again.returncode == 0 and again.stderr == ""
+    assert calls.read_text().splitlines() == ["-m after_training.export RUN --format gguf"]
