@@ -1,5 +1,6 @@
-"""The benchmark harness: its arithmetic by hand, the bundled chat sample, fixed-length rows, the fast side's packed
-batches, and a --smoke run of the whole harness on CPU (one recipe, both regimes, every side as a separate process)."""
+"""The benchmark harness: its arithmetic by hand, the committed report against the committed results, the bundled chat
+sample, fixed-length rows, the fast side's packed batches, and a --smoke run of the whole harness on CPU (one recipe,
+both regimes, every side as a separate process)."""
 import json
 import os
 import re
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench import benchmark, fast_hf_sft
+from bench import benchmark, fast_hf_sft, plan, report, shapes
 from bench.plain_sft import pad_to_longest
 from common.callbacks import MetricsRecorder
 from tests.conftest import REPO
@@ -19,24 +20,38 @@ from tests.conftest import REPO
 
 def test_mfu_ratio_and_verdict_by_hand():
     # 8e9 parameters at 5,000 tokens/s: 6 * 8e9 * 5e3 = 2.4e14 FLOP/s of a 7e14 peak.
-    assert benchmark.mfu(8_000_000_000, 5_000.0, 700e12) == pytest.approx(0.342857, rel=1e-5)
-    assert benchmark.mfu(8_000_000_000, None, 700e12) is None
-    assert benchmark.ratio(5_222.0, 3_293.0) == pytest.approx(1.58579, rel=1e-5)
-    assert benchmark.ratio(6.01, 9.18) == pytest.approx(0.65468, rel=1e-4)
-    assert benchmark.ratio(1.0, None) is None and benchmark.ratio(1.0, 0.0) is None
-    assert benchmark.verdict("fixed", "llama-3-8b", 1.60, 0.64) == "pass"
-    assert benchmark.verdict("fixed", "llama-3-8b", 1.58, 0.64) == "FAIL"  # not fast enough
-    assert benchmark.verdict("fixed", "llama-3-8b", 1.60, 0.66) == "FAIL"  # not lean enough
-    assert benchmark.verdict("fixed", "gpt2-medium", 1.66, None) == "n/a"  # no GPU memory reading (CPU)
-    assert benchmark.verdict("chat", "llama-3.2-1b", 2.0, None) == "pass"  # chat: tokens/s only
-    assert benchmark.verdict("chat", "llama-3.2-1b", 1.99, 0.5) == "FAIL"
+    assert report.mfu(8_000_000_000, 5_000.0, 700e12) == pytest.approx(0.342857, rel=1e-5)
+    assert report.mfu(8_000_000_000, None, 700e12) is None
+    assert report.ratio(5_222.0, 3_293.0) == pytest.approx(1.58579, rel=1e-5)
+    assert report.ratio(6.01, 9.18) == pytest.approx(0.65468, rel=1e-4)
+    assert report.ratio(1.0, None) is None and report.ratio(1.0, 0.0) is None
+    assert report.verdict("fixed", "llama-3-8b", 1.60, 0.64) == "pass"
+    assert report.verdict("fixed", "llama-3-8b", 1.58, 0.64) == "FAIL"  # not fast enough
+    assert report.verdict("fixed", "llama-3-8b", 1.60, 0.66) == "FAIL"  # not lean enough
+    assert report.verdict("fixed", "gpt2-medium", 1.66, None) == "n/a"  # no GPU memory reading (CPU)
+    assert report.verdict("chat", "llama-3.2-1b", 2.0, None) == "pass"  # chat: tokens/s only
+    assert report.verdict("chat", "llama-3.2-1b", 1.99, 0.5) == "FAIL"
+
+
+def test_the_committed_report_is_what_the_committed_results_give():
+    results = json.loads((REPO / "bench" / "results.json").read_text())
+    assert report.markdown(results) == (REPO / "BENCHMARKS.md").read_text(), (
+        "regenerate with: python -m bench.benchmark --report-only")
+
+
+def test_importing_the_harness_loads_neither_torch_nor_transformers():
+    """--report-only stays instant, and a process that measures can still import Unsloth before transformers."""
+    imported = subprocess.run([sys.executable, "-c", "import sys, bench.benchmark; "
+                               "print(*sorted({'torch', 'transformers', 'unsloth'} & set(sys.modules)))"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0 and imported.stdout.split() == [], imported.stdout + imported.stderr[-2000:]
 
 
 def test_a_failed_side_is_one_row_naming_it_and_batching_is_read_from_unsloth_log():
     failed = {"error": "exit 2: error: unknown flag --ranks | see --help"}
     runs = {"gpt2_medium_qlora/chat": {"recipe": "gpt2_medium_qlora", "regime": "chat", "shape": "gpt2-medium",
                                        "recipe_side": failed, "plain_side": {"tokens_per_s": 1.0}}}
-    header, _, row = benchmark.table(runs)
+    header, _, row = report.table(runs)
     assert len(row.strip("|").split("|")) == len(header.strip("|").split("|")) == 12
     assert "recipe side failed: exit 2: error: unknown flag --ranks / see --help" in row and row.endswith("| error |")
     auto = "x\n🦥 Unsloth: Padding-free auto-enabled, enabling faster training.\n"
@@ -66,7 +81,7 @@ def test_raw_unsloth_table_scores_overhead_and_skips_rows_measured_without_it():
                                     "recipe_side": side(900.0, 0.1, 1.8), "plain_side": side(1_000.0, 0.1, 5.4),
                                     "raw_side": side(1_000.0, 0.1, 1.9)},
     }
-    header, _, *rows = benchmark.raw_table(runs)
+    header, _, *rows = report.raw_table(runs)
     assert len(rows) == 3  # llama32_1b_mlp was measured before raw Unsloth was a side
     fixed, chat, gpt2 = ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)
     assert len(fixed) == len(chat) == len(header.strip("|").split("|")) == 10
@@ -100,7 +115,7 @@ def test_fast_table_scores_speed_and_memory_and_skips_rows_measured_without_it()
         "llama31_8b_qlora/fixed": run("llama31_8b_qlora", "fixed", "llama-3.1-8b", side(5_000.0, 2.0, None),
                                       {**side(4_000.0, 2.5, None), **liger}),
     }
-    header, _, *rows = benchmark.fast_table(runs)
+    header, _, *rows = report.fast_table(runs)
     assert len(rows) == 6  # llama32_1b_mlp was measured before the fast script was a side
     cells = {tuple(c[:2]): c for c in ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)}
     assert all(len(c) == len(header.strip("|").split("|")) == 9 for c in cells.values())
@@ -262,10 +277,9 @@ def test_fixed_rows_sit_just_under_the_sequence_length(tmp_path):
     from unsloth import get_chat_template
     import recipes.llama3_8b as recipe
 
-    tokenizer = get_chat_template(train_tokenizer([" ".join(benchmark.gpu_conftest().WORDS)] * 50, "llama-3"),
-                                  chat_template="llama-3")
+    tokenizer = get_chat_template(train_tokenizer([" ".join(shapes.WORDS)] * 50, "llama-3"), chat_template="llama-3")
     cfg = recipe.Config(max_seq_length=300, per_device_train_batch_size=2, gradient_accumulation_steps=1)
-    written = benchmark.write_data("llama3_8b", benchmark.RECIPES["llama3_8b"], recipe, cfg, tokenizer,
+    written = benchmark.write_data("llama3_8b", plan.RECIPES["llama3_8b"], recipe, cfg, tokenizer,
                                    ["fixed", "chat"], steps=2, folder=tmp_path)
     fixed, chat = written["fixed"], written["chat"]
     assert 300 - benchmark.MARGIN - 4 <= fixed["tokens_min"] <= fixed["tokens_max"] <= 300 - benchmark.MARGIN
@@ -308,7 +322,7 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
         assert (tmp_path / "runs" / "llama3_8b").is_dir() and (tmp_path / "logs" / "llama3_8b-plain.log").is_file()
         row = next(line for line in markdown.splitlines() if line.startswith(f"| llama3_8b | {regime} | "))
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        speed = benchmark.ratio(ours["tokens_per_s"], plain["tokens_per_s"])
+        speed = report.ratio(ours["tokens_per_s"], plain["tokens_per_s"])
         assert cells[2] == f"{ours['tokens_per_s']:,.0f} / {plain['tokens_per_s']:,.0f}"
         assert cells[3] == f"{speed:.2f}x" and cells[4] == (">= 1.59x" if regime == "fixed" else ">= 2.00x")
         assert re.fullmatch(r"\d+\.\d{3} / \d+\.\d{3}", cells[5])  # median step times
@@ -320,11 +334,11 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
         raw_row = next(line for line in markdown.split("## Recipes against raw Unsloth")[1].splitlines()
                        if line.startswith(f"| llama3_8b | {regime} | "))
         cells = [cell.strip() for cell in raw_row.strip("|").split("|")]
-        over_raw = benchmark.ratio(ours["tokens_per_s"], raw["tokens_per_s"])
+        over_raw = report.ratio(ours["tokens_per_s"], raw["tokens_per_s"])
         assert cells[2] == f"{ours['tokens_per_s']:,.0f} / {raw['tokens_per_s']:,.0f} / {plain['tokens_per_s']:,.0f}"
         assert cells[3] == f"{over_raw:.2f}x"
-        assert cells[4] == f"{benchmark.ratio(raw['tokens_per_s'], plain['tokens_per_s']):.2f}x"
-        assert cells[-1] == ("pass" if over_raw >= benchmark.NO_OVERHEAD else "FAIL")
+        assert cells[4] == f"{report.ratio(raw['tokens_per_s'], plain['tokens_per_s']):.2f}x"
+        assert cells[-1] == ("pass" if over_raw >= report.NO_OVERHEAD else "FAIL")
         fast = run["fast_side"]  # bench/fast_hf_sft.py: padding-free and SDPA; no Liger without a GPU
         assert fast["tokens_per_s"] > 0 and fast["timed_steps"] == 2 and "bitsandbytes" in fast["optimizer"]
         assert fast["liger"] == [] and fast["liger_reason"] == "no GPU: Liger's Triton kernels need CUDA"
@@ -338,7 +352,7 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
                         if line.startswith(f"| llama3_8b | {regime} | "))
         cells = [cell.strip() for cell in fast_row.strip("|").split("|")]
         assert cells[2:4] == [f"{ours['tokens_per_s']:,.0f} / {fast['tokens_per_s']:,.0f}",
-                              f"{benchmark.ratio(ours['tokens_per_s'], fast['tokens_per_s']):.2f}x"]
+                              f"{report.ratio(ours['tokens_per_s'], fast['tokens_per_s']):.2f}x"]
         assert cells[7:] == ["none (no GPU: Liger's Triton kernels need CUDA)", "n/a"]  # no memory reading on CPU
     assert runs["llama3_8b/fixed"]["data"]["tokens_max"] <= 256 - benchmark.MARGIN  # --smoke: max_seq_length 256
     padding = {regime: runs[f"llama3_8b/{regime}"]["plain_side"]["padding_fraction"] for regime in ("fixed", "chat")}
@@ -347,9 +361,8 @@ def test_smoke_harness_writes_the_table_for_both_regimes(tmp_path):
 
 
 def test_each_variant_runs_the_recipe_with_its_own_token_budget_once(tmp_path, monkeypatch):
-    bench = benchmark.RECIPES["llama3_8b"]
-    prepared = benchmark.Prepared(bench, 4, 2, SimpleNamespace(token_budget="auto"),
-                                  benchmark.recipe_flags(bench.flags, 4, False),
+    bench = plan.RECIPES["llama3_8b"]
+    prepared = benchmark.Prepared(bench, 4, 2, True, benchmark.recipe_flags(bench.flags, 4, False),
                                   {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 8}, "model",
                                   {"chat": {"recipe_file": "chat.jsonl"}})
     monkeypatch.setattr(benchmark, "prepare", lambda name, args, work: prepared)
@@ -367,7 +380,7 @@ def test_scaling_and_token_budget_tables_by_hand():
     side = lambda tokens, peak, per_gpu=None, tokens_a_pass=None: {
         "tokens_per_s": tokens, "median_step_time_s": 1.0, "peak_gpu_memory_gib": peak,
         "peak_gpu_memory_gib_per_gpu": per_gpu, "manifest": {"token_budget": {"tokens_a_pass": tokens_a_pass}}}
-    key = benchmark.variant_key
+    key = report.variant_key
     variants = {
         "llama3_8b/chat": {"recipe": "llama3_8b", "regime": "chat", "shape": "llama-3-8b", "effective_batch": 16,
                            "sides": {key(1, "card"): side(2_000.0, 6.0, tokens_a_pass=2048),
@@ -382,22 +395,22 @@ def test_scaling_and_token_budget_tables_by_hand():
                                      "sides": {key(1, "default"): side(4_000.0, 1.4),
                                                key(2, "default"): {"error": "exit 2: error: no NCCL"}}},
     }
-    scaling = benchmark.scaling_table(variants)[2:]
+    scaling = report.scaling_table(variants)[2:]
     # 8B fixed: 9,000 / 4,700 = 1.91x but a GPU peaked at 9.5 GiB, above one GPU's 9.0: FAIL
     assert scaling[0] == ("| llama3_8b | fixed | 16 | 4,700 / 9,000 | 1.91x | >= 1.85x | 1.000 / 1.000 | 9.00 / 9.50 "
                           "| FAIL |")
     assert scaling[1].startswith("| llama3_8b | chat | 16 | 3,100 / 5,890 | 1.90x |") and scaling[1].endswith(
         "| 9.00 / 7.50 | pass |")
     assert scaling[2].startswith("| tinyllama_sentiment | chat | 2 GPUs side failed: exit 2: error: no NCCL |")
-    budget = benchmark.budget_table(variants)[2:]
+    budget = report.budget_table(variants)[2:]
     assert len(budget) == 2  # tinyllama has no token budget: no row
     # fixed rows: 4,700 / 5,000 = 0.94x, under the 0.95 noise floor: FAIL; chat: 1.55x against 1.5: pass
     assert budget[0] == ("| llama3_8b | fixed | 5,000 / 4,700 | 0.94x | >= 0.95x | 1.000 / 1.000 | 6.00 / 9.00 "
                          "| 2,048 / 16,384 | FAIL |")
     assert budget[1].startswith("| llama3_8b | chat | 2,000 / 3,100 | 1.55x | >= 1.50x |")
     assert budget[1].endswith("| 2,048 / 16,384 | pass |")
-    report = benchmark.report({"runs": {}, "sessions": [], "variants": variants})
-    assert "## Scaling: 1 GPU against 2" in report and "## Token budget: card against auto on one GPU" in report
+    markdown = report.markdown({"runs": {}, "sessions": [], "variants": variants})
+    assert "## Scaling: 1 GPU against 2" in markdown and "## Token budget: card against auto on one GPU" in markdown
 
 
 def test_a_side_past_its_timeout_is_stopped_with_every_process_it_started(tmp_path):
