@@ -7,9 +7,10 @@
 # ./run.sh test [pytest args]             set up the CPU test environment and run the CPU test suite
 # ./run.sh --detect                       print the GPU and the precision a run would use
 #
-# The GPU decides the precision: compute capability >= 8.0 (A100, L4, H100) -> bf16, below (T4, V100) -> fp16,
-# no GPU -> fp32; --precision overrides. The first run installs what is missing: into the active environment
-# (Colab, conda, a venv you activated) or else into .venv here; later runs skip it.
+# The recipe decides the precision (common/hardware.py): compute capability >= 8.0 (A100, L4, H100) -> bf16, below
+# (T4, V100) -> fp16; --precision overrides. This script looks at the GPU only to choose what to install. The first run
+# installs what is missing: into the active environment (Colab, conda, a venv you activated) or else into .venv here;
+# later runs skip it. Flags are checked before that (common/preflight.py): --help and a mistyped flag answer at once.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -17,21 +18,7 @@ die() { echo "error: $*" >&2; exit 2; }
 
 recipes() { for f in "$ROOT"/recipes/*.py; do n=$(basename "$f" .py); [ "$n" = "__init__" ] || echo "$n"; done; }
 
-detect() {
-  local line="" name cap major
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    line=$(nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader 2>/dev/null | head -n 1 || true)
-  fi
-  if [ -z "$line" ]; then
-    echo "gpu=none capability=- precision=fp32"
-    return
-  fi
-  name=$(echo "${line%,*}" | xargs | tr ' ' '-')
-  cap=$(echo "${line##*,}" | xargs)
-  major=${cap%%.*}
-  if [ "$major" -ge 8 ]; then echo "gpu=$name capability=$cap precision=bf16"
-  else echo "gpu=$name capability=$cap precision=fp16"; fi
-}
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }
 
 # The python to use: the active environment's, or .venv here (created on first use).
 python_env() {
@@ -62,12 +49,13 @@ ensure_installed() {
   if [ "$kind" = gpu ]; then
     # A CUDA torch already there (Colab's) stays: pip must then choose the xformers built for it instead of swapping
     # torch for the one the newest xformers wants.
-    local torch_version constraints=()
+    local torch_version constraint constraints=()
     torch_version=$("$PY" -c "import torch; assert torch.version.cuda; print(torch.__version__)" 2>/dev/null) \
       || torch_version=""
     if [ -n "$torch_version" ]; then
-      echo "torch==$torch_version" > "$ROOT/.torch-constraint.txt"
-      constraints=(-c "$ROOT/.torch-constraint.txt")
+      constraint=$(mktemp)
+      echo "torch==$torch_version" > "$constraint"
+      constraints=(-c "$constraint")
     fi
     "$PY" -m pip install -q -r "$ROOT/requirements.txt" ${constraints[@]+"${constraints[@]}"}
   else
@@ -78,35 +66,61 @@ ensure_installed() {
 }
 
 # llama.cpp's converter (from the llama-cpp-python source package) and quantizer (the llama_cpp module), once, for
-# GGUF exports and their tests: pip builds llama-cpp-python from source, a few minutes on two cores.
+# GGUF exports and their tests: pip builds llama-cpp-python from source, about 11 minutes on two cores.
 EXPORT_TOOLS="$ROOT/.export-tools"
 ensure_export_tools() {
-  local version sdist
+  local version sdist installed started heartbeat needs
   version=$(sed -n 's/^llama-cpp-python==//p' "$ROOT/requirements-export.txt")
   sdist="$EXPORT_TOOLS/llama_cpp_python-$version.tar.gz"
+  installed="import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '$version')"
   if [ -f "$EXPORT_TOOLS/llama.cpp/convert_hf_to_gguf.py" ] && [ -f "$sdist" ] \
-      && "$PY" -c "import llama_cpp, sentencepiece" 2>/dev/null; then
+      && "$PY" -c "$installed; import sentencepiece" 2>/dev/null; then
     return
   fi
-  echo "setting up llama.cpp's converter and quantizer (llama-cpp-python $version from source): about 4 minutes on 2 cores, once for this environment" >&2
+  echo "setting up llama.cpp's converter and quantizer (llama-cpp-python $version, built from source) for GGUF exports, once for this environment:" >&2
   mkdir -p "$EXPORT_TOOLS"
-  [ -f "$sdist" ] || "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$EXPORT_TOOLS"
+  if [ ! -f "$sdist" ]; then
+    echo "  downloading llama-cpp-python $version's source package (77 MB) into $EXPORT_TOOLS" >&2
+    "$PY" -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$EXPORT_TOOLS"
+  fi
+  echo "  unpacking llama.cpp's converter (convert_hf_to_gguf.py) from it into $EXPORT_TOOLS/llama.cpp" >&2
   rm -rf "$EXPORT_TOOLS/llama.cpp" && mkdir "$EXPORT_TOOLS/llama.cpp"
   tar -xzf "$sdist" -C "$EXPORT_TOOLS/llama.cpp" --strip-components=3 \
     "llama_cpp_python-$version/vendor/llama.cpp/convert_hf_to_gguf.py" \
     "llama_cpp_python-$version/vendor/llama.cpp/conversion" "llama_cpp_python-$version/vendor/llama.cpp/gguf-py"
-  "$PY" -m pip install -q "$sdist"
-  "$PY" -m pip install -q -r "$ROOT/requirements-export.txt"
+  # --no-deps on every install: pip's resolver would otherwise check the whole environment and print, as an ERROR,
+  # packages that Unsloth names but the CPU set leaves out on purpose (xformers, triton); llama-cpp-python's own needs
+  # are read off its source package's metadata and installed by name.
+  if ! "$PY" -c "$installed" 2>/dev/null; then
+    echo "  compiling llama.cpp into llama-cpp-python: about 11 minutes on 2 cores (this machine has $(nproc))" >&2
+    started=$SECONDS
+    # pip prints nothing while the compiler runs: a line every 30 s shows it is working (sleep off the terminal, so
+    # that a sleep outliving the kill holds no pipe open)
+    ( while sleep 30 >/dev/null 2>&1 && kill -0 $$ 2>/dev/null; do
+        echo "  still compiling: $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s so far" >&2
+      done ) &
+    heartbeat=$!
+    if ! "$PY" -m pip install -q --no-deps "$sdist"; then
+      kill "$heartbeat" 2>/dev/null || true
+      die "pip could not build llama-cpp-python $version (its reason is above); it needs a C and C++ compiler (gcc, g++)"
+    fi
+    kill "$heartbeat" 2>/dev/null || true
+  fi
+  needs=$(tar -xzOf "$sdist" "llama_cpp_python-$version/PKG-INFO" | sed -n '/;/!s/^Requires-Dist: //p')
+  echo "  installing what the converter and llama-cpp-python need: sentencepiece" $needs >&2
+  "$PY" -m pip install -q --no-deps -r "$ROOT/requirements-export.txt" $needs
 }
 
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # fewer fragmentation OOMs on long runs
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+setup_kind=cpu
+if has_gpu; then setup_kind=gpu; fi
 
 case "${1:-}" in
   ""|-h|--help)
-    sed -n '2,12s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    sed -n '2,13s/^# \{0,1\}//p' "$0"; exit 0 ;;
   --detect)
-    detect; exit 0 ;;
+    ensure_installed "$setup_kind"
+    exec "$PY" -m common.hardware ;;
   list)
     for n in $(recipes); do printf '%-22s %s\n' "$n" "$(sed -n '1s/^"""//p' "$ROOT/recipes/$n.py")"; done; exit 0 ;;
   test)
@@ -119,40 +133,29 @@ esac
 
 if [ "${1:-}" = chat ] || [ "${1:-}" = export ]; then
   command=$1; shift
-  if [[ "$(detect)" == gpu=none* ]]; then ensure_installed cpu; else ensure_installed gpu; fi
+  ensure_installed "$setup_kind"
   if [ "$command" = export ] && [[ " $* " == *" gguf "* || " $* " == *" --format=gguf "* ]]; then ensure_export_tools; fi
   exec "$PY" -m "after_training.$command" "$@"
 fi
 
 name=$1; shift
 [ -f "$ROOT/recipes/$name.py" ] && [ "$name" != "__init__" ] || die "unknown recipe '$name'; choose one of: $(recipes | paste -sd ' ')"
+export FT_LAUNCHER="./run.sh $name"  # the usage line of --help
+export FT_COMMAND="./run.sh $name${*:+ $*}"  # the manifest's record of what was typed
 
-hardware=$(detect)
-echo "$hardware" >&2
-precision=${hardware##*precision=}
 gpus=1
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpus=*) gpus=${1#--gpus=} ;;
     --gpus) [ $# -ge 2 ] || die "--gpus expects a number of GPUs or all"; gpus=$2; shift ;;
-    *)
-      case "$1" in
-        --precision=*) precision=${1#--precision=} ;;
-        --precision) precision=${2:-} ;;
-      esac
-      args+=("$1") ;;
+    *) args+=("$1") ;;
   esac
   shift
 done
-if [ "$precision" = bf16 ] && [[ "$hardware" != *precision=bf16 ]]; then
-  die "--precision bf16 needs a GPU of compute capability 8.0 or newer (${hardware%% precision=*}); use --precision fp16 on a GPU, fp32 without one"
-fi
-export FT_PRECISION=$precision
-
 # --gpus N: one process a GPU under torchrun (common/launch.py); without a GPU, N CPU processes (to check the wiring).
 available=0
-if [[ "$hardware" != gpu=none* ]]; then
+if [ "$setup_kind" = gpu ]; then
   available=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   # CUDA_VISIBLE_DEVICES limits what torch sees; nvidia-smi lists every GPU regardless
   if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
@@ -171,7 +174,13 @@ elif [ "$gpus" -gt "$available" ] && [ "$gpus" -gt 1 ]; then
   die "--gpus $gpus: this machine has $available GPU(s); use --gpus $available or fewer"
 fi
 
-if [[ "$hardware" == gpu=none* ]]; then ensure_installed cpu; else ensure_installed gpu; fi
+# Flags first, with any python3 and nothing installed: --help, a typo or an unusable value answer in a second.
+if [[ " ${args[*]-} " == *" --help "* || " ${args[*]-} " == *" -h "* ]]; then
+  exec python3 -m common.preflight "$ROOT/recipes/$name.py" ${args[@]+"${args[@]}"}
+fi
+python3 -m common.preflight "$ROOT/recipes/$name.py" ${args[@]+"${args[@]}"} || exit $?
+
+ensure_installed "$setup_kind"
 
 if [ "$gpus" -gt 1 ]; then
   exec "$PY" -m common.launch --standalone --nproc_per_node "$gpus" -m "recipes.$name" ${args[@]+"${args[@]}"}

@@ -54,8 +54,8 @@ class Config:
 
     --gpus N trains one rank on N GPUs; --rank-sweep runs in one process (one rank after another, compared)."""
     variant: str = "instruct"  # card: instruct (Llama 3.1 chat) for many tasks; base (plain Alpaca format) for one
-    model_name: str = ""  # empty: the variant's Unsloth 4-bit checkpoint (VARIANTS); or a hub id or local folder
-    chat_template: str = ""  # empty: the variant's, llama-3.1 (instruct) or alpaca (base); loss on the replies
+    model_name: str = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"  # card: instruct; --variant base: the base's
+    chat_template: str = "llama-3.1"  # card: instruct's Llama 3.1 template; --variant base: alpaca; loss on replies
     load_in_4bit: bool = True  # card: QLoRA, the frozen base in 4-bit NF4 (about 5.6 GB for 8B instead of 16)
     max_seq_length: int = 2048  # choice (not on the card): Unsloth's notebooks' length; longer chats: --long-conversations
     lora_r: int = 8  # card: start at rank 8; --rank-sweep replaces it by the ranks swept
@@ -178,11 +178,13 @@ def train_at_rank(session, model_name, rank, folder, swept) -> dict | None:
 
 
 def check_flags(cfg, run):
-    """The variant's checkpoint and template unless given; ranks that a sweep can double; one process for a sweep."""
+    """The variant's checkpoint and template where the flags left the card's; ranks that a sweep can double; one
+    process for a sweep."""
     if cfg.variant not in VARIANTS:
         raise UserError(f"--variant {cfg.variant}: use one of {', '.join(VARIANTS)}")
-    cfg.model_name = cfg.model_name or VARIANTS[cfg.variant][0]
-    cfg.chat_template = cfg.chat_template or VARIANTS[cfg.variant][1]
+    instruct, chosen = VARIANTS["instruct"], VARIANTS[cfg.variant]
+    cfg.model_name = chosen[0] if cfg.model_name == instruct[0] else cfg.model_name  # a --model-name given stays
+    cfg.chat_template = chosen[1] if cfg.chat_template == instruct[1] else cfg.chat_template
     ranks = list(cfg.rank_sweep) or [cfg.lora_r]
     if min(ranks) < 1 or ranks != sorted(set(ranks)):
         flag = "--rank-sweep" if cfg.rank_sweep else "--lora-r"
