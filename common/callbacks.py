@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from common import distributed
 from common.hardware import peak_memory_gib
@@ -155,3 +156,25 @@ class StopOnRequest(TrainerCallback):
         if self.signal is not None or (self.step and state.global_step >= self.step):
             control.should_save = True
             control.should_training_stop = True
+
+
+class ReadableProgress(ProgressCallback):
+    """transformers' progress bar, with each training log as one short line above it instead of a dict of strings
+    ({'loss': '6.891', 'grad_norm': '0.3945', ...} on every step); evaluations are MetricsRecorder's line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs or "loss" not in logs:
+            return
+        parts = [f"loss {logs['loss']:.4f}"]
+        if logs.get("grad_norm") is not None:
+            parts.append(f"grad norm {logs['grad_norm']:.3g}")
+        if logs.get("learning_rate") is not None:
+            parts.append(f"lr {logs['learning_rate']:.3g}")
+        self.training_bar.write(f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts))
+
+
+def readable_progress(trainer):
+    """The trainer's progress bar swapped for ReadableProgress (none is added where the bar is switched off)."""
+    if any(isinstance(callback, ProgressCallback) for callback in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ReadableProgress)

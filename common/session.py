@@ -22,7 +22,7 @@ from transformers import set_seed
 
 from common import distributed, record
 from common.batching import check_token_budget, pass_budget, settle_batching
-from common.callbacks import MetricsRecorder, StopOnRequest
+from common.callbacks import MetricsRecorder, StopOnRequest, readable_progress
 from common.config import RunOptions, convert, parse, usage_name
 from common.data import check_data_source
 from common.errors import UserError
@@ -81,6 +81,7 @@ class Session:
         stop = StopOnRequest(self.run.stop_after_step, signals=signals)
         trainer.add_callback(self.recorder)
         trainer.add_callback(stop)
+        readable_progress(trainer)
         self.recorder.count_tokens_of(trainer)
         reset_peak_memory()
         trainer.train(resume_from_checkpoint=folder.last_checkpoint() if self.run.resume else None)
@@ -112,20 +113,21 @@ class Session:
         print_summary(self.recipe, self.folder.path, throughput, self.recorder.records if self.recorder else [])
 
 
-def start(recipe: str, config_class, argv=None, smoke: dict | None = None, *, chat_data: bool = True,
-          one_process: str | None = None, system_prompt: str | None = None, **checked) -> Session:
+def start(recipe: str, config_class, argv=None, smoke: dict | None = None, *, checks=(), chat_data: bool = True,
+          one_process: str | None = None, system_prompt: str | None = None) -> Session:
     """Resolve and check everything a run needs, then join the GPUs, seed, and open the run folder with config.json and
-    run.json. Every input a user gives is checked before the folder exists: values (common.config), the data source
-    (its file, its rows and, unless chat_data is False (a recipe that reads its own columns), a chat format), the logger's package,
-    a --resume folder of this recipe, how the accumulation divides over the processes. `one_process` refuses torchrun
-    with that reason; `checked` are the recipe's own checks, called with cfg."""
+    run.json. Every input a user gives is checked before the folder exists: the values (common.config), the recipe's
+    own `checks` (each called with cfg and the run options), the data source (its file, its rows and, unless
+    chat_data is False for a recipe that reads its own columns, a chat format), the logger's package, a --resume folder
+    of this recipe, how the accumulation divides over the processes. `one_process` refuses torchrun with that reason."""
     cfg, run = parse(config_class, argv, smoke, recipe)
     if one_process:
         distributed.refuse(recipe, one_process)
-    for check in checked.values():
+    for check in checks:
         check(cfg, run)
     if getattr(cfg, "data", None):
-        check_data_source(cfg.data, hub_config=getattr(cfg, "hub_config", None), **({} if chat_data else {"expect": None}))
+        check_data_source(cfg.data, hub_config=getattr(cfg, "hub_config", None),
+                          **({} if chat_data else {"expect": None}))
     if hasattr(cfg, "token_budget"):
         check_token_budget(cfg.token_budget, cfg.max_seq_length)
     report_to = loggers(run.report_to)
@@ -140,7 +142,8 @@ def start(recipe: str, config_class, argv=None, smoke: dict | None = None, *, ch
     run_record = record.RunRecord(
         recipe=recipe, base_model=str(folder.smoke_base if run.smoke else cfg.model_name), card_model=card_model,
         smoke=run.smoke, load_in_4bit=getattr(cfg, "load_in_4bit", False),
-        chat_template=getattr(cfg, "chat_template", None), system_prompt=system_prompt or getattr(cfg, "system_prompt", None) or None)
+        chat_template=getattr(cfg, "chat_template", None),
+        system_prompt=system_prompt or getattr(cfg, "system_prompt", None) or None)
     if distributed.is_main():
         folder.write_config(cfg, run, recipe)
         run_record.write(folder.path)
@@ -177,7 +180,7 @@ def trainer_arguments(session: Session, config_class, **recipe_values):
 def trainer_value(value, annotation, name: str):
     """A flag's text as the trainer's field type where that is a number or a switch (Optional too); other types (a
     scheduler name, a list of loggers) take the text as it is, as TRL's own parser does."""
-    options = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_args(annotation) else [annotation]
+    options = [a for a in typing.get_args(annotation) or (annotation,) if a is not type(None)]
     simple = [a for a in options if a in (bool, int, float)]
     if not isinstance(value, str) or len(simple) != len(options):
         return value

@@ -25,7 +25,7 @@ from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
 from common import record
-from common.callbacks import MetricsRecorder
+from common.callbacks import MetricsRecorder, readable_progress
 from common.data import read_rows
 from common.errors import UserError, run_main
 from common.hardware import precision_of, peak_memory_gib, reset_peak_memory
@@ -83,7 +83,7 @@ SMOKE = dict(data=str(SAMPLE_DATA), ranks=(2, 4), max_steps=4, eval_prompts=4, m
 
 
 def main(argv=None):
-    session = start(RECIPE, Config, argv, SMOKE, chat_data=False, options=check_options,
+    session = start(RECIPE, Config, argv, SMOKE, chat_data=False, checks=[check_options],
                     one_process="its study trains several runs one after another and compares their weights")
     cfg = session.cfg
     with session.folder:
@@ -156,13 +156,9 @@ def train_and_probe(session, model_name, side, rank, seed, train_dataset, prompt
     recorder = MetricsRecorder(folder.path / "metrics" / f"{name}.jsonl")
     session.log_to(name)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_dataset, callbacks=[recorder],
-                         args=trainer_arguments(
-                             session, SFTConfig, seed=seed,
-                             completion_only_loss=True,  # loss on the response, as the card's prompt format intends
-                             gradient_checkpointing=False,  # TRL's default is on: off on both sides, memory comparable
-                             padding_free=False,  # padded batches on both sides: Unsloth would otherwise choose per model
-                             save_strategy="no"))  # the adapter is saved after training; no run here needs a checkpoint
+                         args=study_arguments(session, seed))
     recorder.count_tokens_of(trainer)
+    readable_progress(trainer)
     reset_peak_memory()
     trainer.train()
     peak = peak_memory_gib()
@@ -173,6 +169,16 @@ def train_and_probe(session, model_name, side, rank, seed, train_dataset, prompt
     summary = summarize_run(side, rank, seed, cfg, model, trainer, recorder, peak, before, adapter, folder)
     summary["cosine_to_base"] = mean_pooled_cosine(probed[1], probed[2])
     return summary, probed, recorder.records
+
+
+def study_arguments(session, seed: int) -> SFTConfig:
+    """Every run of the study trains the same way: the Config's rate, steps, batch and padding, this run's seed."""
+    return trainer_arguments(
+        session, SFTConfig, seed=seed,
+        completion_only_loss=True,  # loss on the response, as the card's prompt format intends
+        gradient_checkpointing=False,  # TRL's default is on: off on both sides, so memory is comparable
+        padding_free=False,  # padded batches on both sides: Unsloth would otherwise choose per model
+        save_strategy="no")  # the adapter is saved after training; no run here needs a checkpoint
 
 
 def check_options(cfg, run):

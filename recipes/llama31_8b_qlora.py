@@ -91,7 +91,7 @@ SMOKE = dict(data=str(SAMPLE_DATA), max_seq_length=512, max_samples=0, gradient_
 
 
 def main(argv=None):
-    session = start(RECIPE, Config, argv, SMOKE, flags=check_flags, estimate=memory_estimate_only)
+    session = start(RECIPE, Config, argv, SMOKE, checks=[check_flags, memory_estimate_only])
     cfg = session.cfg
     with session.folder:
         model_name = base_model(session, "llama-3.1", lambda: read_rows(cfg.data))
@@ -146,7 +146,8 @@ def train_at_rank(session, model_name, rank, folder, swept) -> dict | None:
 
     # 3. Data: standardise to messages, split train/eval, cut conversations longer than max_seq_length into windows.
     train_rows, eval_rows, data = prepare_chat_data(cfg.data, tokenizer, cfg.max_seq_length, cfg.max_samples,
-                                                    cfg.eval_fraction, cfg.seed, long_conversations=cfg.long_conversations)
+                                                    cfg.eval_fraction, cfg.seed,
+                                                    long_conversations=cfg.long_conversations)
     print(f"rank {rank}: data {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
 
     # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss. A sweep

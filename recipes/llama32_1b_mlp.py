@@ -69,7 +69,7 @@ SMOKE = dict(data=str(SAMPLE_DATA), system_prompt="You answer questions about th
 
 
 def main(argv=None):
-    session = start(RECIPE, Config, argv, SMOKE, data_given=needs_data)  # inputs checked, run folder opened
+    session = start(RECIPE, Config, argv, SMOKE, checks=[needs_data])  # inputs checked, run folder opened
     cfg = session.cfg
     with session.folder:
         # 1. Load the 4-bit base model and the Llama 3.1 chat template; fingerprint attention as loaded.

@@ -106,7 +106,8 @@ def main(argv=None):
         # 6. Save the adapter, the run's record and results.md (last: it marks the run complete).
         figures = dict(best_step=best_step, best_eval_loss=trainer.state.best_metric,
                        final_eval_loss=final_eval["final_loss"])
-        print(f"done: kept step {best_step} (eval loss {final_eval['final_loss']:.4f}); results in {session.folder.path}")
+        print(f"done: kept step {best_step} (eval loss {final_eval['final_loss']:.4f}); "
+              f"results in {session.folder.path}")
         session.finish(model, tokenizer, trainer, data,
                results_markdown(cfg, data, session.recorder, best_step, final_eval, samples), **figures)
 
@@ -115,7 +116,8 @@ def results_markdown(cfg, data, recorder, best_step, final_eval, samples) -> str
     evals = [r for r in recorder.records if "eval_loss" in r and "eval_loss_moving_avg" in r]
     lines = [f"# {RECIPE}: Llama-3-8B-Instruct LoRA on {data['source']}", "",
              f"- data: {data['source']} - {data['report']}; train {data['train']:,}, eval {data['eval']:,}",
-             f"- kept checkpoint: step {best_step} (lowest eval loss); its eval loss now: {final_eval['final_loss']:.4f}",
+             f"- kept checkpoint: step {best_step} (lowest eval loss); its eval loss now: "
+             f"{final_eval['final_loss']:.4f}",
              throughput_line(recorder.summary()), "",
              f"| step | eval loss | moving average ({cfg.moving_average_window}) | kept |", "|---:|---:|---:|:---:|"]
     for entry in evals:

@@ -137,7 +137,8 @@ def main(argv=None):
         print(f"done: macro-F1 zero-shot {zero_shot['constrained']['macro_f1']:.4f}, fine-tuned "
               f"{fine_tuned['constrained']['macro_f1']:.4f}, majority class "
               f"{metrics['majority_baseline']['macro_f1']:.4f}; results in {session.folder.path}")
-        session.finish(model, tokenizer, trainer, data, results_markdown(cfg, data, metrics, session.recorder.summary()),
+        results = results_markdown(cfg, data, metrics, session.recorder.summary())
+        session.finish(model, tokenizer, trainer, data, results,
                        system_prompt=SYSTEM_PROMPT, quantization=quantization_in_use(model),
                        zero_shot_macro_f1=zero_shot["constrained"]["macro_f1"],
                        fine_tuned_macro_f1=fine_tuned["constrained"]["macro_f1"])

@@ -11,13 +11,12 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from common.callbacks import MetricsRecorder
 from common.errors import UserError
 from common.hardware import detect, torch_dtype
 from common.model import load_model
 from common.smoke import tiny_model, train_tokenizer
 from recipes.gpt2_medium_qlora import (SAMPLE_DATA, Config, add_lora, alpaca_prompt, alpaca_rows, card_answers, main,
-                                       make_trainer, mean_pool, mean_pooled_cosine, probe, token_match_rate)
+                                       mean_pool, study_arguments, mean_pooled_cosine, probe, token_match_rate)
 from tests.conftest import read_jsonl, run_to_completion
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -222,8 +221,12 @@ def test_batches_are_padded_to_a_multiple_of_the_configured_length(pad_to_multip
     model, tokenizer = load_model(tiny_model("gpt2", rows), 256, "fp32", load_in_4bit=False,
                                   use_gradient_checkpointing=False)
     dataset = Dataset.from_list([{"prompt": alpaca_prompt(row), "completion": row["output"]} for row in rows[:16]])
-    trainer = make_trainer(add_lora(model, "lora", 2, cfg, cfg.seed), tokenizer, dataset, cfg, cfg.seed, detect("fp32"),
-                           SimpleNamespace(checkpoints=tmp_path), MetricsRecorder(tmp_path / "metrics.jsonl"), ["none"])
+    from trl import SFTTrainer
+    from common.config import RunOptions
+    session = SimpleNamespace(cfg=cfg, run=RunOptions(), recipe="gpt2_medium_qlora", rows_a_pass=4, accumulation=1,
+                              report_to=["none"], folder=SimpleNamespace(checkpoints=tmp_path), hardware=detect("fp32"))
+    trainer = SFTTrainer(model=add_lora(model, "lora", 2, cfg, cfg.seed), processing_class=tokenizer,
+                         train_dataset=dataset, args=study_arguments(session, cfg.seed))
     widths = [(batch["input_ids"].shape[1], int(batch["attention_mask"].sum(1).max()))
               for batch in trainer.get_train_dataloader()]
     assert len(widths) == 4

@@ -188,9 +188,10 @@ def test_estimate_memory_reads_a_local_config_and_writes_nothing(tmp_path, capsy
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({**LLAMA31_8B_CONFIG, "model_type": "llama"}))
-    main(["--estimate-memory", "--model-name", str(model), "--target-modules", ",".join(EVERY_PROJECTION),
-          "--lora-alpha", "16", "--rank-sweep", "8,16",
-          "--output-dir", str(tmp_path / "outputs")])
+    with pytest.raises(SystemExit) as exited:  # it answers and ends, as --help does
+        main(["--estimate-memory", "--model-name", str(model), "--target-modules", ",".join(EVERY_PROJECTION),
+              "--rank-sweep", "8,16", "--output-dir", str(tmp_path / "outputs")])
+    assert exited.value.code == 0
     printed = capsys.readouterr().out
     assert f"from {model / 'config.json'}" in printed
     assert "parameters: 8,030,261,248 (8.03 B)" in printed
@@ -210,7 +211,8 @@ def test_estimate_memory_offline_falls_back_to_the_builtin_config(monkeypatch, c
     def offline(*args, **kwargs):
         raise LocalEntryNotFoundError("no connection")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    main(["--estimate-memory", "--variant", "base"])
+    with pytest.raises(SystemExit):
+        main(["--estimate-memory", "--variant", "base"])
     printed = capsys.readouterr().out
     assert "unsloth/Meta-Llama-3.1-8B-bnb-4bit, from built-in copy of Llama-3.1-8B's published values" in printed
     assert "parameters: 8,030,261,248" in printed and "LoRA r=8 alpha=16 on q_proj, k_proj, v_proj, o_proj: 6,815,744" \

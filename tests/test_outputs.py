@@ -138,3 +138,15 @@ def test_report_to_checks_each_logger(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"^--report-to wandb: the wandb package is not installed; pip install wandb$"):
         loggers("wandb")
+
+
+def test_each_training_log_is_one_short_line_above_the_progress_bar():
+    import types
+
+    from common.callbacks import ReadableProgress
+    progress, written = ReadableProgress(), []
+    progress.training_bar = types.SimpleNamespace(write=written.append)
+    state = types.SimpleNamespace(is_world_process_zero=True, global_step=8, max_steps=12)
+    progress.on_log(None, state, None, logs={"loss": 6.89123, "grad_norm": 0.3945, "learning_rate": 1e-3, "epoch": 0.5})
+    progress.on_log(None, state, None, logs={"eval_loss": 6.9, "eval_runtime": 7.4})  # MetricsRecorder says this one
+    assert written == ["step 8/12: loss 6.8912, grad norm 0.395, lr 0.001"]

@@ -89,7 +89,7 @@ esac
 exit 0
 """)
     (fake / "python3").chmod(0o755)
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Tesla T4, 7.5'\n")
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Tesla T4 (UUID: GPU-0)'\n")
     (fake / "nvidia-smi").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path)}
     env.pop("FT_PRECISION", None)
@@ -125,7 +125,7 @@ case "$1 $2" in
 esac
 exec {sys.executable} "$@"
 """)
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Tesla T4, 7.5'\n")
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Tesla T4 (UUID: GPU-0)'\n")
     for program in ("python3", "nvidia-smi"):
         (fake / program).chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "VIRTUAL_ENV": str(tmp_path),
