@@ -17,8 +17,11 @@ def run_main(main, interrupted: str = "interrupted; resume with --resume <run fo
     try:
         main()
     except UserError as error:
-        rank = os.environ.get("RANK", "0")  # under torchrun every process says what stopped it
-        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {error}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        # Before the processes joined, every rank checked the same input and found the same mistake: rank 0 says it.
+        # After, a rank can fail on its own (its rows, its GPU): each says what stopped it.
+        if rank == "0" or processes_joined():
+            print(f"error{'' if rank == '0' else f' (rank {rank})'}: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"error: {interrupted}", file=sys.stderr)
@@ -32,3 +35,9 @@ def run_main(main, interrupted: str = "interrupted; resume with --resume <run fo
 
 def is_out_of_memory(error: BaseException) -> bool:
     return type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error)
+
+
+def processes_joined() -> bool:
+    """Whether this process joined torchrun's process group (without importing torch, which this module must not)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist and dist.is_available() and dist.is_initialized())

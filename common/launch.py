@@ -7,6 +7,7 @@ A SIGTERM or Ctrl-C reaches torchrun, which passes it to every worker: each fini
 step to stop after (common.callbacks.StopOnRequest), rank 0 checkpoints and marks the run STOPPED. torchrun waits
 SHUTDOWN_GRACE_S for that before it kills them (its own default, 30 s, can cut a checkpoint of an 8B model short).
 """
+import logging
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -23,6 +24,9 @@ def torchrun_arguments(arguments: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    # torchrun logs each failed worker again ("failed (exitcode: 2) local_rank: 0 ..."): the workers said why, and the
+    # line below says how many stopped.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         main(torchrun_arguments(sys.argv[1:]))
     except SignalException as stopped:  # the workers said what they did (STOPPED and how to resume)
