@@ -207,10 +207,12 @@ def model_card(run: TrainedRun, export_format: str, files: list[str] | None = No
     hyperparameters = "\n".join(f"| `{name}` | `{value}` |" for name, value in run.hyperparameters.items())
     data = run.manifest.get("data", {})
     source = data.get("source", "n/a")
-    # The manifest's figures describe the run's own adapter; a checkpoint exported with --adapter has none of its own.
+    # The run's figures describe its own adapter; a checkpoint exported with --adapter has none of its own.
     final = run.adapter.resolve() == (run.path / "adapter").resolve()
-    metrics = {key: value for key, value in run.manifest.items()
-               if final and isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed"}
+    metrics = {key: value for key, value in run.record.metrics.items()
+               if final and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    ran = [f"- {what}: {run.manifest[key]}" for key, what in (("model", "trained on"), ("optimizer", "optimiser that ran"),
+                                                              ("precision", "computed in")) if run.manifest.get(key)]
     what, library, usage = {
         "adapter": ("the LoRA adapter alone", "peft",
                     "Load it on its base model with Unsloth (`FastLanguageModel.from_pretrained` on this repository) "
@@ -233,9 +235,9 @@ def model_card(run: TrainedRun, export_format: str, files: list[str] | None = No
         adapter_line(run),
         *([f"- files: {', '.join(f'`{name}`' for name in files)}"] if files else []),
         f"- data: `{Path(source).name if Path(source).is_file() else source}` ({data.get('report', 'n/a')})",
-        f"- system prompt: {run.system_prompt or 'none'}",
+        f"- system prompt: {run.system_prompt or 'none'}", *ran,
         *[f"- {key}: {value:.4g}" for key, value in metrics.items()], "",
-        "| hyperparameter | value |", "|---|---|", hyperparameters, ""])
+        "| hyperparameter (as configured; the lines above say what ran) | value |", "|---|---|", hyperparameters, ""])
 
 
 def hub_token() -> str:

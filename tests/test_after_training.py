@@ -413,6 +413,10 @@ def test_the_adapter_alone_exports_without_trainer_state_and_an_export_of_it_is_
     exporter.main([str(run), "--format", "adapter", "--export-dir", str(exports)])  # the run's final adapter replaces it
     assert "holds this adapter's export already" not in capsys.readouterr().out
     assert (shared / "adapter_model.safetensors").read_bytes() == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    card = (shared / "README.md").read_text()  # what ran, not only what was configured (adamw_8bit, the hub model)
+    assert f"- trained on: {run / 'smoke-base'}" in card or f"- trained on: {llama_run / 'smoke-base'}" in card
+    assert "a tiny random-init model of unsloth/llama-3-8b-Instruct-bnb-4bit's architecture" in card
+    assert "- optimiser that ran: torch.optim" in card and "best_eval_loss" in card
 
 
 def test_an_export_larger_than_the_free_disk_is_refused_before_writing(llama_run, tmp_path, monkeypatch):
