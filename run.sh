@@ -133,6 +133,9 @@ esac
 
 if [ "${1:-}" = chat ] || [ "${1:-}" = export ]; then
   command=$1; shift
+  # The arguments first, with any python3 and nothing installed: --help or a typo answers in a second.
+  python3 -m after_training.arguments "$command" "$@" || exit $?
+  if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then exit 0; fi
   ensure_installed "$setup_kind"
   if [ "$command" = export ] && [[ " $* " == *" gguf "* || " $* " == *" --format=gguf "* ]]; then ensure_export_tools; fi
   exec "$PY" -m "after_training.$command" "$@"

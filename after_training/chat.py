@@ -10,31 +10,15 @@ import sys
 with contextlib.redirect_stdout(sys.stderr):  # Unsloth's banner aside: stdout carries only the replies
     import unsloth  # noqa: F401  (first: Unsloth patches transformers and PEFT on import)
 
-import argparse
-import os
 
 import torch
 from transformers import TextStreamer
 
+from after_training.arguments import chat_arguments
 from after_training.trained_run import load_trained, open_run
 from common.chat import stop_token_ids
 from common.errors import UserError, run_main
 from common.hardware import detect
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="./run.sh chat", description="Chat with a trained run's model.")
-    parser.add_argument("run_dir", help="a finished run folder, outputs/<recipe>/<stamp>")
-    parser.add_argument("--prompt", help="answer this one message, print the reply and exit")
-    parser.add_argument("--base", action="store_true", help="the base model without the adapter, for comparison")
-    parser.add_argument("--system", help="system prompt (default: the run's own; '' for none)")
-    parser.add_argument("--adapter", help="another adapter folder, e.g. RUN_DIR/checkpoints/checkpoint-200")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default 256)")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0 (default) answers greedily, the same every time; 0.7 gives varied replies")
-    parser.add_argument("--precision", default=os.environ.get("FT_PRECISION", "auto"),
-                        choices=("auto", "bf16", "fp16", "fp32"), help="auto (the GPU decides), bf16, fp16 or fp32")
-    return parser.parse_args(argv)
 
 
 @torch.no_grad()
@@ -68,7 +52,7 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperatu
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = chat_arguments(sys.argv[1:] if argv is None else argv)
     run = open_run(args.run_dir, args.adapter)
     hardware = detect(args.precision)
     with contextlib.redirect_stdout(sys.stderr):  # loading banners aside: stdout carries only the replies

@@ -16,7 +16,6 @@ line.
 """
 import unsloth  # noqa: F401  (first: Unsloth patches transformers and PEFT on import)
 
-import argparse
 import contextlib
 import errno
 import json
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 from after_training import gguf
+from after_training.arguments import export_arguments
 from after_training.ollama import modelfile
 from after_training.trained_run import TrainedRun, load_trained, open_run
 from common.errors import UserError, run_main
@@ -36,26 +36,6 @@ from common.hardware import detect, peak_memory_gib, reset_peak_memory
 SMOKE_PRE_TOKENIZER = {"llama": "llama-bpe", "gpt2": "gpt-2"}  # what the tiny smoke tokenizers split like
 TRAINER_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "trainer_state.json",
                  "training_args.bin")  # what a checkpoint holds beside the adapter, for --resume only
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="./run.sh export", description="Export a trained run's model.")
-    parser.add_argument("run_dir", help="a finished run folder, outputs/<recipe>/<stamp>")
-    parser.add_argument("--format", required=True, choices=("adapter", "merged16", "gguf"),
-                        help="adapter: the LoRA adapter alone, to share; merged16: 16-bit transformers weights (vLLM); "
-                             "gguf: llama.cpp / Ollama / LM Studio")
-    parser.add_argument("--quantization", default="q4_k_m",
-                        help=f"gguf only, comma-separated: {', '.join(gguf.QUANTIZATIONS)} (default q4_k_m)")
-    parser.add_argument("--push-to-hub", metavar="USER/REPO", help="upload the export there (token: HF_TOKEN)")
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
-    parser.add_argument("--adapter", help="another adapter folder, e.g. RUN_DIR/checkpoints/checkpoint-200")
-    parser.add_argument("--export-dir", help="where the export folders go (default RUN_DIR/export); a merged 8B model "
-                                             "and its GGUF files take about 43 GiB")
-    parser.add_argument("--gguf-pre-tokenizer", help="for a tokenizer llama.cpp does not recognize: the known one it "
-                                                     "splits like (llama-bpe for Llama 3, gpt-2 for GPT-2)")
-    parser.add_argument("--precision", default=os.environ.get("FT_PRECISION", "auto"),
-                        choices=("auto", "bf16", "fp16", "fp32"), help="auto (the GPU decides), bf16, fp16 or fp32")
-    return parser.parse_args(argv)
 
 
 @contextlib.contextmanager
@@ -300,7 +280,7 @@ def push_to_hub(folder: Path, repo_id: str, private: bool, token: str):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = export_arguments(sys.argv[1:] if argv is None else argv)
     run = open_run(args.run_dir, args.adapter)
     quantizations = gguf.check_quantizations([q.strip() for q in args.quantization.split(",") if q.strip()])
     token = None

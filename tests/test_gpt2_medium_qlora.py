@@ -17,7 +17,7 @@ from common.model import load_model
 from common.smoke import tiny_model, train_tokenizer
 from recipes.gpt2_medium_qlora import (SAMPLE_DATA, Config, add_lora, alpaca_prompt, alpaca_rows, card_answers, main,
                                        mean_pool, study_arguments, mean_pooled_cosine, probe, token_match_rate)
-from tests.conftest import read_jsonl, run_to_completion
+from tests.conftest import cpu_training_precision, read_jsonl, run_to_completion
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -49,6 +49,9 @@ def test_smoke_study_writes_every_table_plot_and_adapter(smoke_run):
     results = (folder / "results.md").read_text()
     assert "| memory reduction, QLoRA vs 16-bit LoRA | n/a: no GPU" in results
     assert "| optimal rank |" in results and "![cosine and token match vs rank](cosine_vs_rank.png)" in results
+    # One precision, the one that ran (Unsloth's CPU backend picks bf16 on a CPU with bf16 hardware), in both places.
+    assert f"; CPU, {cpu_training_precision()}; LoRA on c_attn" in results
+    assert f"both compute in {cpu_training_precision()}" in results
     for comparison in study["ranks"]:
         row = f"| {comparison['rank']} | n/a / n/a | n/a |"
         assert row in results and f"| {comparison['mean_pooled_cosine']:.4f} |" in results

@@ -42,6 +42,16 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert len(manifest["data"]["sha256"]) == 64
     assert "AdamW" in manifest["optimizer"]  # on CPU Unsloth swaps 8-bit AdamW for fused AdamW, and we record that
     assert manifest["batching"] == "card micro-batches"  # Unsloth's CPU backend does not split steps by token budget
+    # The record says what ran: the tiny model (not the card's), the command as started, the data actually used.
+    assert manifest["model"] == (f"{folder / 'smoke-base'}: a tiny random-init model of "
+                                 "unsloth/llama-3-8b-Instruct-bnb-4bit's architecture (--smoke), for checking the "
+                                 "pipeline only")
+    assert manifest["command"].startswith("python -m recipes.llama3_8b --smoke --output-dir ")
+    assert (folder / "results.md").read_text().startswith(f"# llama3_8b: Llama-3-8B-Instruct LoRA on {SAMPLE_DATA}")
+    record = json.loads((folder / "run.json").read_text())
+    assert (record["base_model"], record["smoke"], record["chat_template"]) == (str(folder / "smoke-base"), True, "llama-3")
+    assert record["adapters"] == [{"path": "adapter", "base_model": str(folder / "smoke-base"), "load_in_4bit": True}]
+    assert record["metrics"]["final_eval_loss"] == manifest["final_eval_loss"]
 
 
 def test_split_is_80_20_of_what_was_kept(smoke_run):

@@ -44,6 +44,13 @@ def test_help_and_flag_mistakes_answer_before_anything_is_installed(tmp_path):
                             text=True, timeout=30)
     assert result.returncode == 2 and result.stderr.strip() == \
         "error: unknown flag --learning-rat; did you mean --learning-rate? (--help lists the fields)"
+    for command in (["chat", "--help"], ["export", "--help"]):
+        result = subprocess.run([str(REPO / "run.sh"), *command], env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: ./run.sh {command[0]} ")
+    result = subprocess.run([str(REPO / "run.sh"), "export", "outputs/x/1", "--format", "ggu"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "argument --format: invalid choice: 'ggu'" in result.stderr
+    assert "setting up" not in result.stderr
 
 
 def test_unknown_recipe_lists_the_valid_ones():
@@ -63,6 +70,16 @@ def test_list_shows_each_recipe_with_its_description():
                                                    ("8.9", "bf16"), ("9.0", "bf16")])
 def test_python_side_applies_the_same_rule(capability, precision):
     assert hardware.precision_for(capability) == precision
+
+
+def test_on_cpu_the_precision_asked_may_be_what_unsloths_cpu_backend_computes_in(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_precision", lambda: "bf16")  # a CPU with bf16 hardware
+    assert hardware.detect("bf16").precision == "fp32"  # accepted; the trainer asks for no mixed precision on CPU
+    assert "precision=bf16 (Unsloth's CPU backend decides)" in hardware.detect().describe()
+    monkeypatch.setattr(hardware, "cpu_precision", lambda: "fp32")
+    with pytest.raises(UserError, match="--precision bf16 needs a GPU of compute capability 8.0 or newer"):
+        hardware.detect("bf16")
 
 
 def test_python_side_refuses_bf16_on_a_t4(monkeypatch):
