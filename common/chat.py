@@ -1,4 +1,6 @@
 """Chat templates, assistant-only loss and generation, wired through Unsloth and TRL rather than rewritten."""
+from pathlib import Path
+
 import torch
 from datasets import Dataset
 from unsloth import get_chat_template, train_on_responses_only
@@ -14,6 +16,7 @@ TURN_MARKERS = {
     "chatml": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
     "alpaca": ("### Instruction:\n", "### Response:\n"),
 }
+SENTENCEPIECE_SCRATCH = "_unsloth_sentencepiece_temp"  # Unsloth's scratch folder, relative to the working directory
 # Tokens that end an assistant turn; generation stops at the first of them.
 END_OF_TURN = ("<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>", "<|im_end|>")
 
@@ -22,7 +25,12 @@ def set_chat_template(tokenizer, template: str):
     """The tokenizer with Unsloth's rendering of a named template (llama-3, llama-3.1, zephyr, chatml, ...)."""
     if template not in TURN_MARKERS:
         raise UserError(f"--chat-template {template}: not supported here; use one of {', '.join(TURN_MARKERS)}")
-    return get_chat_template(tokenizer, chat_template=template)
+    leftover = Path(SENTENCEPIECE_SCRATCH)
+    existed = leftover.exists()
+    tokenizer = get_chat_template(tokenizer, chat_template=template)
+    if not existed and leftover.is_dir() and not any(leftover.iterdir()):
+        leftover.rmdir()  # unsloth 2026.10 leaves it empty in the working directory (a clone's root) when it maps tokens
+    return tokenizer
 
 
 def conversation_dataset(conversations: list[list[dict]]) -> Dataset:

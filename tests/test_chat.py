@@ -34,3 +34,16 @@ def test_generation_stops_at_end_of_turn():
     _, tokenizer = FastLanguageModel.from_pretrained(folder, max_seq_length=64, load_in_4bit=False)
     tokenizer = set_chat_template(tokenizer, "llama-3")
     assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in stop_token_ids(tokenizer)
+
+
+def test_a_chat_template_leaves_no_scratch_folder_in_the_working_directory(tmp_path, monkeypatch):
+    """Unsloth's token mapping for chatml on GPT-2's tokenizer makes _unsloth_sentencepiece_temp/ in the working
+    directory (a user's clone) and leaves it empty."""
+    from transformers import AutoTokenizer
+
+    from common.chat import set_chat_template
+    from common.smoke import tiny_model
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model("gpt2", [{"text": "hello world"}]))
+    monkeypatch.chdir(tmp_path)
+    set_chat_template(tokenizer, "chatml")
+    assert list(tmp_path.iterdir()) == []

@@ -66,3 +66,4 @@ def test_record_round_trips_and_finds_each_adapter_by_path(tmp_path):
     assert read == written
     assert read.adapter_at(tmp_path, tmp_path / "adapters" / "lora-r4").load_in_4bit is False
     assert read.adapter_at(tmp_path, tmp_path / "checkpoints" / "checkpoint-4") is None
+
