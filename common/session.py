@@ -177,6 +177,14 @@ def trainer_arguments(session: Session, config_class, **recipe_values):
         raise UserError(f"the trainer's arguments: {str(error).splitlines()[0]}") from None
 
 
+def keep_best_by_eval_loss(cfg) -> dict:
+    """Trainer arguments for a card that evaluates every eval_steps and keeps the checkpoint with the lowest eval loss:
+    a checkpoint at each evaluation, the best and the latest kept (to restore the best, and to resume), the best
+    loaded back when training ends."""
+    return dict(eval_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2, load_best_model_at_end=True,
+                metric_for_best_model="eval_loss")
+
+
 def trainer_value(value, annotation, name: str):
     """A flag's text as the trainer's field type where that is a number or a switch (Optional too); other types (a
     scheduler name, a list of loggers) take the text as it is, as TRL's own parser does."""

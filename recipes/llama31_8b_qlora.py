@@ -27,7 +27,7 @@ from common.errors import UserError, run_main
 from common.model import load_model
 from common.outputs import RunFolder
 from common.report import number, throughput_line
-from common.session import answer_prompts, base_model, start, trainer_arguments
+from common.session import answer_prompts, base_model, keep_best_by_eval_loss, start, trainer_arguments
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "finetome_sample.jsonl"
@@ -155,10 +155,7 @@ def train_at_rank(session, model_name, rank, folder, swept) -> dict | None:
     trainer = SFTTrainer(
         model=model, processing_class=tokenizer, train_dataset=conversation_dataset(train_rows),
         eval_dataset=conversation_dataset(eval_rows[:cfg.max_eval_samples]),
-        args=trainer_arguments(session, SFTConfig, output_dir=str(folder.checkpoints), eval_strategy="steps",
-                               save_steps=cfg.eval_steps,
-                               save_total_limit=2,  # the best and the latest: to resume, and to restore the best
-                               load_best_model_at_end=True, metric_for_best_model="eval_loss"))
+        args=trainer_arguments(session, SFTConfig, output_dir=str(folder.checkpoints), **keep_best_by_eval_loss(cfg)))
     trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
     if not session.train(trainer, folder=folder, signals=not swept):
         return None

@@ -20,7 +20,7 @@ from common.data import prepare_chat_data, read_rows
 from common.errors import run_main
 from common.model import load_model
 from common.report import throughput_line
-from common.session import answer_prompts, base_model, start, trainer_arguments
+from common.session import answer_prompts, base_model, keep_best_by_eval_loss, start, trainer_arguments
 
 RECIPE = Path(__file__).stem  # the file's name: a copied recipe is its own recipe, with its own run folders
 SAMPLE_DATA = Path(__file__).parent / "data" / "finetome_sample.jsonl"
@@ -90,9 +90,7 @@ def main(argv=None):
             model=model, processing_class=tokenizer, train_dataset=conversation_dataset(train_rows),
             eval_dataset=conversation_dataset(eval_rows[:cfg.max_eval_samples]),
             callbacks=[MovingAverageEvalLoss(cfg.moving_average_window, session.eval_losses())],
-            args=trainer_arguments(session, SFTConfig, eval_strategy="steps", save_steps=cfg.eval_steps,
-                                   save_total_limit=2,  # the best and the latest: to resume, and to restore the best
-                                   load_best_model_at_end=True, metric_for_best_model="eval_loss"))
+            args=trainer_arguments(session, SFTConfig, **keep_best_by_eval_loss(cfg)))
         trainer = mask_to_assistant_turns(trainer, cfg.chat_template)
         if not session.train(trainer):
             return

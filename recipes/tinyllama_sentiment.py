@@ -79,15 +79,7 @@ def main(argv=None):
     cfg = session.cfg
     with session.folder:
         # 1. Data first (the smoke tokenizer is trained on it): labelled splits and their class balance.
-        splits = load_splits(cfg.data, cfg.hub_config, cfg.holdout_fraction, cfg.seed)
-        train_rows = balanced(splits["train"], cfg.seed) if cfg.balance else splits["train"]
-        test_rows = splits["test"]
-        if 0 < cfg.max_test_samples < len(test_rows):
-            test_rows = random.Random(cfg.seed).sample(test_rows, cfg.max_test_samples)
-        data = {"source": cfg.data, "hub_config": None if Path(cfg.data).exists() else cfg.hub_config,
-                "label_counts": {split: label_counts(rows) for split, rows in splits.items()},
-                "balance": f"downsampled to {len(train_rows) // len(LABELS):,} per class" if cfg.balance else "none",
-                "test": len(test_rows)}
+        splits, train_rows, test_rows, data = labelled_data(cfg)
         print("labels: " + "; ".join(f"{split} {dict(c)}" for split, c in data["label_counts"].items()))
 
         # 2. The 4-bit base model in TinyLlama-Chat's template, LoRA on the attention projections. --smoke: the
@@ -142,6 +134,20 @@ def main(argv=None):
                        system_prompt=SYSTEM_PROMPT, quantization=quantization_in_use(model),
                        zero_shot_macro_f1=zero_shot["constrained"]["macro_f1"],
                        fine_tuned_macro_f1=fine_tuned["constrained"]["macro_f1"])
+
+
+def labelled_data(cfg):
+    """(splits, train rows after --balance, test rows within --max-test-samples, the data's summary)."""
+    splits = load_splits(cfg.data, cfg.hub_config, cfg.holdout_fraction, cfg.seed)
+    train_rows = balanced(splits["train"], cfg.seed) if cfg.balance else splits["train"]
+    test_rows = splits["test"]
+    if 0 < cfg.max_test_samples < len(test_rows):
+        test_rows = random.Random(cfg.seed).sample(test_rows, cfg.max_test_samples)
+    data = {"source": cfg.data, "hub_config": None if Path(cfg.data).exists() else cfg.hub_config,
+            "label_counts": {split: label_counts(rows) for split, rows in splits.items()},
+            "balance": f"downsampled to {len(train_rows) // len(LABELS):,} per class" if cfg.balance else "none",
+            "test": len(test_rows)}
+    return splits, train_rows, test_rows, data
 
 
 def load_splits(source: str, hub_config: str, holdout_fraction: float, seed: int) -> dict[str, list[dict]]:

@@ -26,11 +26,38 @@ def pytest_collection_modifyitems(config, items):
 
 
 def run_recipe_process(recipe: str, *args: str, output_dir: Path, timeout: int = 600, env: dict | None = None):
-    """Run `python -m recipes.<recipe> args --output-dir output_dir`; returns the CompletedProcess."""
+    """Run `python -m recipes.<recipe> args --output-dir output_dir`; returns the CompletedProcess. Without `env`, the
+    recipe's entry point runs in this process (as its own process would, argv, exit code and output included):
+    importing Unsloth costs about 15 s a process, and most tests are about the run, not the process."""
+    argv = [*args, "--output-dir", str(output_dir)]
+    if env is None:
+        return run_recipe_here(recipe, argv)
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     environment = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
-    return subprocess.run([sys.executable, "-m", f"recipes.{recipe}", *args, "--output-dir", str(output_dir)],
-                          cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", f"recipes.{recipe}", *argv], cwd=REPO, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_recipe_here(recipe: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`python -m recipes.<recipe> argv` in this process: run_main's exit code, stdout and stderr captured."""
+    import contextlib
+    import importlib
+    import io
+
+    from common.errors import run_main
+    module = importlib.import_module(f"recipes.{recipe}")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, code = sys.argv, 0
+    sys.argv = [f"recipes/{recipe}.py", *argv]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            run_main(module.main)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess([sys.executable, "-m", f"recipes.{recipe}", *argv], code, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 def cpu_training_precision() -> str:

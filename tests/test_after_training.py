@@ -575,4 +575,5 @@ exit 0
     calls.unlink()
     again = export_gguf()  # set up once: the next export goes straight on
     assert again.returncode == 0 and again.stderr == ""
-    assert calls.read_text().splitlines() == ["-m after_training.export RUN --format gguf"]
+    assert calls.read_text().splitlines() == ["-m after_training.arguments export RUN --format gguf",  # checked first
+                                              "-m after_training.export RUN --format gguf"]

@@ -11,7 +11,8 @@ SAMPLE = REPO / "recipes" / "data" / "finetome_sample.jsonl"
 
 
 def test_a_user_error_is_one_line_on_stderr_with_exit_2_and_no_folder(tmp_path):
-    result = run_recipe_process("llama3_8b", "--smoke", "--data", "nowhere/data.jsonl", output_dir=tmp_path)
+    result = run_recipe_process("llama3_8b", "--smoke", "--data", "nowhere/data.jsonl", output_dir=tmp_path,
+                                env={})  # a process of its own: what the user sees on stderr
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == \
         "error: nowhere/data.jsonl: data file not found; check the path given to --data"
