@@ -4,6 +4,7 @@
 # ./run.sh chat RUN_DIR [--prompt TEXT]   talk to a trained run's model (--base: without the adapter)
 # ./run.sh export RUN_DIR --format adapter|merged16|gguf [--quantization q4_k_m,q8_0] [--push-to-hub USER/REPO]
 # ./run.sh list                           the recipes, one line each
+# ./run.sh notebooks [--repo OWNER/NAME]  colab/<recipe>.ipynb for every recipe and the README's Colab links
 # ./run.sh test [pytest args]             set up the CPU test environment and run the CPU test suite
 # ./run.sh --detect                       print the GPU and the precision a run would use
 #
@@ -117,7 +118,10 @@ if has_gpu; then setup_kind=gpu; fi
 
 case "${1:-}" in
   ""|-h|--help)
-    sed -n '2,13s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    sed -n '2,14s/^# \{0,1\}//p' "$0"; exit 0 ;;
+  notebooks)
+    shift
+    exec python3 -m common.notebooks "$@" ;;
   --detect)
     ensure_installed "$setup_kind"
     exec "$PY" -m common.hardware ;;
