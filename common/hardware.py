@@ -21,11 +21,8 @@ class Hardware:
 
 def cpu_precision() -> str:
     """What Unsloth's CPU backend computes in: bf16 on a CPU with bf16 hardware, else fp32."""
-    try:
-        from unsloth_zoo.cpu.runtime import cpu_bf16_supported
-    except ImportError:
-        return "fp32"
-    return "bf16" if cpu_bf16_supported() else "fp32"
+    from common.unsloth_internals import cpu_backend_uses_bf16
+    return "bf16" if cpu_backend_uses_bf16() else "fp32"
 
 
 def precision_for(capability: str | None) -> str:

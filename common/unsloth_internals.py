@@ -3,8 +3,9 @@
 Unsloth 2026.10's token budget (unsloth.utils.token_budget) is switched on by an environment variable that its
 SFTTrainer reads once; here it is a Python argument: `install_token_budget(trainer, tokens)` sets the variable for
 that one call alone. Whether Unsloth would split a step is its private `_exactness_blocker`. Under torchrun the ranks
-must split a step into as many passes each (`agree_on_pass_counts`). Another Unsloth version may have moved any of
-these: each says so in one line instead of failing inside Unsloth.
+must split a step into as many passes each (`agree_on_pass_counts`). Without a GPU, unsloth_zoo's CPU runtime says
+whether its backend computes in bf16 (`cpu_backend_uses_bf16`). Another Unsloth version may have moved any of these:
+each says so in one line instead of failing inside Unsloth.
 """
 import contextlib
 import os
@@ -28,6 +29,16 @@ def token_budget_module():
         raise UserError(f"unsloth {metadata.version('unsloth')} has no token budget as {PINNED} has: install "
                         f"unsloth=={PINNED} (requirements.txt), or pass --token-budget card") from None
     return token_budget
+
+
+def cpu_backend_uses_bf16() -> bool:
+    """Whether Unsloth's CPU backend computes in bf16 here (it does on a CPU with bf16 instructions, whatever was asked);
+    False where this unsloth_zoo has no such runtime (fp32, transformers' own default)."""
+    try:
+        from unsloth_zoo.cpu.runtime import cpu_bf16_supported
+    except ImportError:
+        return False
+    return bool(cpu_bf16_supported())
 
 
 def token_budget_blocker(trainer) -> str | None:
