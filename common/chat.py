@@ -15,10 +15,11 @@ TURN_MARKERS = {
     "zephyr": ("<|user|>\n", "<|assistant|>\n"),
     "chatml": ("<|im_start|>user\n", "<|im_start|>assistant\n"),
     "alpaca": ("### Instruction:\n", "### Response:\n"),
+    "gemma-3": ("<start_of_turn>user\n", "<start_of_turn>model\n"),
 }
 SENTENCEPIECE_SCRATCH = "_unsloth_sentencepiece_temp"  # Unsloth's scratch folder, relative to the working directory
 # Tokens that end an assistant turn; generation stops at the first of them.
-END_OF_TURN = ("<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>", "<|im_end|>")
+END_OF_TURN = ("<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>", "<|im_end|>", "<end_of_turn>")
 
 
 def set_chat_template(tokenizer, template: str):

@@ -69,7 +69,7 @@ def recipe_table(readme: str) -> dict[str, dict[str, str]]:
 
 def fits_t4(row: dict | None) -> str:
     column = next((name for name in row or {} if name.startswith(T4_COLUMN)), None)
-    if not column:
+    if not column or not row[column].startswith("yes"):
         return "not measured yet (the GPU suite's T4 run gives this figure)"
     return f"{row[column]}, measured in fp16 within 15 GiB (a T4's memory) at the card's batch and sequence length"
 

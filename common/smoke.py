@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 # Special tokens of each family's real tokenizer, so the chat templates render and mask as they do on the real model.
 SPECIAL_TOKENS = {  # family: (tokens, bos, eos, pad)
@@ -18,6 +19,9 @@ SPECIAL_TOKENS = {  # family: (tokens, bos, eos, pad)
                  "<|finetune_right_pad_id|>"], "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"),
     "zephyr": (["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"], "<s>", "</s>", "<unk>"),
     "gpt2": (["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"),
+    # Gemma 3's first ids (pad 0, eos 1, bos 2, unk 3) and its turn tokens; its eos stays <eos>, a turn ends with
+    # <end_of_turn> (Unsloth's gemma-3 template does not map one onto the other).
+    "gemma-3": (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<pad>"),
 }
 SPECIAL_TOKENS["llama-3.1"] = SPECIAL_TOKENS["llama-3"]
 
@@ -33,9 +37,9 @@ def train_tokenizer(corpus: list[str], family: str, vocab_size: int = 1024) -> P
 
 
 def tiny_model(family: str, rows: list[dict], seed: int = 0, folder: Path | None = None) -> str:
-    """Build and save a 2-layer, hidden-64 model (Llama, or GPT-2 for family 'gpt2') with a tokenizer trained on the
-    text of `rows`; returns its folder: `folder` (kept as it is when a resumed run built it already) or a temporary
-    one removed at exit."""
+    """Build and save a 2-layer, hidden-64 model (Llama; GPT-2 for 'gpt2', Gemma 3's text model for 'gemma-3') with a
+    tokenizer trained on the text of `rows`; returns its folder: `folder` (kept as it is when a resumed run built it
+    already) or a temporary one removed at exit."""
     if folder is not None and (Path(folder) / "config.json").is_file():
         return str(Path(folder).resolve())
     tokenizer = train_tokenizer(list(texts_in(rows)), family)
@@ -44,6 +48,14 @@ def tiny_model(family: str, rows: list[dict], seed: int = 0, folder: Path | None
     torch.manual_seed(seed)
     if family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, **ids))
+    elif family == "gemma-3":
+        # One sliding-window layer and one global layer, as Gemma 3 interleaves them (5:1 on the real model); a window
+        # of 64 tokens is shorter than most sample conversations, so the sliding mask is exercised.
+        model = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                                   query_pre_attn_scalar=16, sliding_window=64,
+                                                   layer_types=["sliding_attention", "full_attention"],
+                                                   max_position_embeddings=4096, **ids))
     else:
         model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
