@@ -368,3 +368,12 @@ def prepare_chat_data(source: str, tokenizer, max_seq_length: int, max_samples: 
                "long_conversations": long_conversations, "split": dict(split),
                "train": len(train), "eval": len(held_out), "report": line}
     return train, held_out, summary
+
+
+def chat_data(cfg, tokenizer, label: str = "data") -> tuple[list, list, dict]:
+    """prepare_chat_data with a chat recipe's own Config fields (data, max_seq_length, max_samples, eval_fraction, seed,
+    long_conversations), and its report printed once: `label: kept ... ; train N, eval M`."""
+    train, held_out, summary = prepare_chat_data(cfg.data, tokenizer, cfg.max_seq_length, cfg.max_samples,
+                                                 cfg.eval_fraction, cfg.seed, long_conversations=cfg.long_conversations)
+    print(f"{label}: {summary['report']}; train {summary['train']:,}, eval {summary['eval']:,}")
+    return train, held_out, summary

@@ -113,13 +113,14 @@ class Session:
         print_summary(self.recipe, self.folder.path, throughput, self.recorder.records if self.recorder else [])
 
 
-def start(recipe: str, config_class, argv=None, smoke: dict | None = None, *, checks=(), chat_data: bool = True,
+def start(recipe: str, config_class, argv=None, smoke: dict | None = None, *, checks=(), chat_format: bool = True,
           one_process: str | None = None, system_prompt: str | None = None) -> Session:
     """Resolve and check everything a run needs, then join the GPUs, seed, and open the run folder with config.json and
     run.json. Every input a user gives is checked before the folder exists: the values (common.config), the recipe's
     own `checks` (each called with cfg and the run options), the data source (its file, its rows and, unless
-    chat_data is False for a recipe that reads its own columns, a chat format), the logger's package, a --resume folder
-    of this recipe, how the accumulation divides over the processes. `one_process` refuses torchrun with that reason."""
+    chat_format is False for a recipe that reads its own columns, a chat format), the logger's package, a --resume
+    folder of this recipe, how the accumulation divides over the processes. `one_process` refuses torchrun with that
+    reason."""
     cfg, run = parse(config_class, argv, smoke, recipe)
     if one_process:
         distributed.refuse(recipe, one_process)
@@ -127,7 +128,7 @@ def start(recipe: str, config_class, argv=None, smoke: dict | None = None, *, ch
         check(cfg, run)
     if getattr(cfg, "data", None):
         check_data_source(cfg.data, hub_config=getattr(cfg, "hub_config", None),
-                          **({} if chat_data else {"expect": None}))
+                          **({} if chat_format else {"expect": None}))
     if hasattr(cfg, "token_budget"):
         check_token_budget(cfg.token_budget, cfg.max_seq_length)
     report_to = loggers(run.report_to)

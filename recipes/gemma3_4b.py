@@ -15,7 +15,7 @@ from unsloth import FastModel
 
 from common import distributed
 from common.chat import conversation_dataset, mask_to_assistant_turns, set_chat_template
-from common.data import prepare_chat_data, read_rows
+from common.data import chat_data, read_rows
 from common.errors import run_main
 from common.model import load_model
 from common.report import throughput_line
@@ -81,10 +81,7 @@ def main(argv=None):
             use_gradient_checkpointing="unsloth", random_state=cfg.seed)
 
         # 3. Data: standardise to messages, drop what does not fit, hold out eval_fraction.
-        train_rows, eval_rows, data = prepare_chat_data(cfg.data, tokenizer, cfg.max_seq_length, cfg.max_samples,
-                                                        cfg.eval_fraction, cfg.seed,
-                                                        long_conversations=cfg.long_conversations)
-        print(f"data: {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
+        train_rows, eval_rows, data = chat_data(cfg, tokenizer)
 
         # 4. Train with loss on the model's turns only (the notebook's train_on_responses_only).
         trainer = SFTTrainer(

@@ -83,7 +83,7 @@ SMOKE = dict(data=str(SAMPLE_DATA), ranks=(2, 4), max_steps=4, eval_prompts=4, m
 
 
 def main(argv=None):
-    session = start(RECIPE, Config, argv, SMOKE, chat_data=False, checks=[check_options],
+    session = start(RECIPE, Config, argv, SMOKE, chat_format=False, checks=[check_options],
                     one_process="its study trains several runs one after another and compares their weights")
     cfg = session.cfg
     with session.folder:

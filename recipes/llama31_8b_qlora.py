@@ -22,7 +22,7 @@ from unsloth import FastLanguageModel
 
 from common import distributed
 from common.chat import conversation_dataset, mask_to_assistant_turns, set_chat_template
-from common.data import prepare_chat_data, read_rows
+from common.data import chat_data, read_rows
 from common.errors import UserError, run_main
 from common.model import load_model
 from common.outputs import RunFolder
@@ -145,10 +145,7 @@ def train_at_rank(session, model_name, rank, folder, swept) -> dict | None:
         target_modules=list(cfg.target_modules), use_gradient_checkpointing="unsloth", random_state=cfg.seed)
 
     # 3. Data: standardise to messages, split train/eval, cut conversations longer than max_seq_length into windows.
-    train_rows, eval_rows, data = prepare_chat_data(cfg.data, tokenizer, cfg.max_seq_length, cfg.max_samples,
-                                                    cfg.eval_fraction, cfg.seed,
-                                                    long_conversations=cfg.long_conversations)
-    print(f"rank {rank}: data {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
+    train_rows, eval_rows, data = chat_data(cfg, tokenizer, f"rank {rank}: data")
 
     # 4. Train with the loss on the replies only; checkpoint at every evaluation, keep the best by eval loss. A sweep
     #    cannot resume: a signal ends it at once.

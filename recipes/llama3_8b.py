@@ -16,7 +16,7 @@ from unsloth import FastLanguageModel
 from common import distributed
 from common.callbacks import MovingAverageEvalLoss
 from common.chat import conversation_dataset, mask_to_assistant_turns, set_chat_template
-from common.data import prepare_chat_data, read_rows
+from common.data import chat_data, read_rows
 from common.errors import run_main
 from common.model import load_model
 from common.report import throughput_line
@@ -80,10 +80,7 @@ def main(argv=None):
             target_modules=list(cfg.target_modules), use_gradient_checkpointing="unsloth", random_state=cfg.seed)
 
         # 3. Data: standardise to messages, drop (or split) what does not fit, split 80/20.
-        train_rows, eval_rows, data = prepare_chat_data(cfg.data, tokenizer, cfg.max_seq_length, cfg.max_samples,
-                                                        cfg.eval_fraction, cfg.seed,
-                                                        long_conversations=cfg.long_conversations)
-        print(f"data: {data['report']}; train {data['train']:,}, eval {data['eval']:,}")
+        train_rows, eval_rows, data = chat_data(cfg, tokenizer)
 
         # 4. Train with loss on assistant turns only; checkpoint at every evaluation, keep the best by eval loss.
         trainer = SFTTrainer(

@@ -75,7 +75,7 @@ SMOKE = dict(data=str(SAMPLE_DATA), per_device_train_batch_size=8, gradient_accu
 
 def main(argv=None):
     # the system prompt goes into run.json now: a checkpoint of a stopped run chats and exports as trained
-    session = start(RECIPE, Config, argv, SMOKE, chat_data=False, system_prompt=SYSTEM_PROMPT)
+    session = start(RECIPE, Config, argv, SMOKE, chat_format=False, system_prompt=SYSTEM_PROMPT)
     cfg = session.cfg
     with session.folder:
         # 1. Data first (the smoke tokenizer is trained on it): labelled splits and their class balance.
