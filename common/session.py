@@ -155,7 +155,8 @@ def start(recipe: str, config_class, argv=None, smoke: dict | None = None, *, ch
 def trainer_arguments(session: Session, config_class, **recipe_values):
     """The trainer's arguments (SFTConfig, or another TRL config class): the defaults every recipe shares, then each
     Config field that is also a field of `config_class` (learning_rate, warmup_steps, optim, ...), then what the recipe
-    passes, then the user's --trainer fields (`--save-total-limit 3`), which win."""
+    passes, then the user's trainer fields (flags and --config keys that are no recipe field, `--save-total-limit 3`),
+    which win."""
     cfg = session.cfg
     fields = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(session.run.trainer_fields) - fields)
