@@ -102,10 +102,13 @@ class RunFolder:
         complete = [c for c in self.checkpoint_folders() if checkpoint_problem(c) is None]
         return str(complete[-1]) if complete else None
 
+    def logged(self) -> list[dict]:
+        """The records of metrics.jsonl (none before the first log)."""
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line] if self.metrics.exists() else []
+
     def trim_metrics_after(self, step: int) -> list[dict]:
         """Drop metrics logged after `step` (a resumed run logs them again); returns the lines kept."""
-        kept = [json.loads(line) for line in self.metrics.read_text().splitlines() if line] if self.metrics.exists() else []
-        kept = [record for record in kept if record["step"] <= step]
+        kept = [record for record in self.logged() if record["step"] <= step]
         self.metrics.write_text("".join(json.dumps(record) + "\n" for record in kept))
         return kept
 

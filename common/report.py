@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+from common.distributed import processes_line
 from common.errors import UserError
 
 LOGGERS = ("tensorboard", "wandb", "trackio")  # each is also the package TRL needs for it
@@ -64,8 +65,6 @@ def print_summary(recipe: str, folder: Path, throughput: dict, records: list[dic
     from rich.console import Console
     from rich.table import Table
 
-    from common.distributed import processes_line
-
     table = Table(title=f"{recipe} finished", show_header=False, title_justify="left")
     table.add_row("training time", number(throughput.get("train_seconds"), " s", 1))
     table.add_row("tokens trained", number(throughput.get("tokens_trained"), "", 0))
@@ -90,8 +89,6 @@ def per_gpu(throughput: dict) -> str:
     """For results.md: how a run on several GPUs shared the work ("" on one)."""
     if not throughput.get("world_size"):
         return ""
-    peaks = " / ".join("n/a" if peak is None else f"{peak:.2f}" for peak in throughput["peak_gpu_memory_gib_per_gpu"])
-    per_second = throughput["tokens_per_s_per_gpu"]
-    from common.distributed import processes_line
-    return (f"; on {processes_line()} together, "
-            f"{'n/a' if per_second is None else f'{per_second:,.0f}'} tokens/s a process, peak GiB by GPU {peaks}")
+    peaks = " / ".join(number(peak) for peak in throughput["peak_gpu_memory_gib_per_gpu"])
+    return (f"; on {processes_line()} together, {number(throughput['tokens_per_s_per_gpu'], '', 0)} tokens/s a process, "
+            f"peak GiB by GPU {peaks}")

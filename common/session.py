@@ -9,10 +9,9 @@ results, summary). A recipe keeps its card: the model, the LoRA, the data, what 
       if not session.train(trainer):               # stopped: a checkpoint and STOPPED, resume with --resume
           return
       ...                                         # evaluate
-      session.finish(model, tokenizer, data, results_markdown(...), best_eval_loss=...)
+      session.finish(model, tokenizer, trainer, data, results_markdown(...), best_eval_loss=...)
 """
 import dataclasses
-import json
 import os
 import sys
 import typing
@@ -50,7 +49,7 @@ class Session:
 
     def eval_losses(self) -> list[float]:
         """The eval losses a resumed run logged before its checkpoint (a moving average continues from them)."""
-        return [r["eval_loss"] for r in read_jsonl(self.folder.metrics) if "eval_loss" in r]
+        return [r["eval_loss"] for r in self.folder.logged() if "eval_loss" in r]
 
     def log_to(self, name: str):
         """TensorBoard's events of the next trainer into tensorboard/<name>: one folder a training of a study."""
@@ -243,6 +242,3 @@ def base_model(session: Session, smoke_family: str, smoke_rows) -> str:
         return tiny_model(smoke_family, smoke_rows(), folder=session.folder.smoke_base)
 
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line] if Path(path).exists() else []

@@ -162,11 +162,12 @@ def train_at_rank(session, model_name, rank, folder, swept) -> dict | None:
     distributed.only_main_continues()
     samples = answer_prompts(model, tokenizer, eval_rows[:cfg.sample_prompts], cfg.max_new_tokens)
     folder.save_adapter(model, tokenizer)
+    throughput = session.recorder.summary()
     result = dict(rank=rank, lora_alpha=alpha, trainable_parameters=model.get_nb_trainable_parameters()[0],
                   adapter_mb=(folder.adapter / "adapter_model.safetensors").stat().st_size / 1e6,
                   eval_loss=final_eval["final_loss"], best_step=session.best_step(trainer), data=data,
-                  samples=samples, records=session.recorder.records, throughput=session.recorder.summary(),
-                  model=model, trainer=trainer, **session.batching, **session.recorder.summary())
+                  samples=samples, records=session.recorder.records, throughput=throughput,
+                  model=model, trainer=trainer, **session.batching, **throughput)
     print(f"rank {rank}: eval loss {result['eval_loss']:.4f}, {result['trainable_parameters']:,} trainable parameters, "
           f"adapter {result['adapter_mb']:.2f} MB")
     return result

@@ -234,8 +234,8 @@ def label_log_likelihoods(model, tokenizer, texts: list[str], batch_size: int) -
             sequences.append((ids, common_prefix_length(prompt_ids, ids)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = []
-    for start in range(0, len(sequences), batch_size * len(LABELS)):
-        batch = sequences[start:start + batch_size * len(LABELS)]
+    for first in range(0, len(sequences), batch_size * len(LABELS)):
+        batch = sequences[first:first + batch_size * len(LABELS)]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch], device=model.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=model.device)
